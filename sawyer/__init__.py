@@ -1,0 +1,20 @@
+"""SAWYER: the helper package of the SAWYER alignment workshop (SFT -> reward model -> PPO -> evaluation).
+
+Notebooks tell the story; this package holds the tricky parts, one module per concern
+(see the file tree in README.md). Import what you need, e.g. ``from sawyer import ppo``.
+"""
+import os as _os
+
+__version__ = "0.1.0"
+
+# Tests and the offline dry run set SAWYER_NETGUARD=1: any socket to a non-loopback address then
+# raises, inside notebook kernels too (they import sawyer), which proves the course runs offline.
+if _os.environ.get("SAWYER_NETGUARD") == "1":
+    from sawyer import netguard as _netguard
+
+    _netguard.install()
+
+from pathlib import Path as _Path
+
+#: The repository's ``data/`` folder: small offline samples in the exact schema of each hub dataset.
+DATA_DIR = _Path(__file__).resolve().parent.parent / "data"

@@ -1,0 +1,219 @@
+"""Presets: one code path, three sizes (``tiny`` on a CPU, ``t4`` on a free Colab T4, ``a100`` book scale).
+
+A preset is a dataclass composed of one config per stage. Only model ids, data sizes and budgets differ
+between presets; notebooks read their stage's config and may override a field or two::
+
+    from sawyer.presets import get_preset
+    preset = get_preset("auto")            # tiny without a GPU, t4 with one
+    cfg = preset.sft                        # SFTConfig
+    cfg = dataclasses.replace(cfg, max_steps=20)
+
+Model ids are hub ids (``google/flan-t5-base``), local folders, or ``tiny:<name>`` for the offline tiny
+models that ``sawyer.tiny`` builds (``sawyer.loading.resolve`` turns those into folders). Dataset fields are
+hub ids, or ``data/...`` folders in this repository holding JSONL in the hub schema (``sawyer.data`` reads
+both through the same parsing).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from sawyer.ppo import PPOConfig
+
+COMPARISON_URL = ("https://raw.githubusercontent.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM/main/"
+                  "data/comparison_data_v2.json")
+
+#: The embedding of each new marker starts as the mean embedding of its phrase (DESIGN.md, Part 2).
+DEFAULT_PHRASES = {"###STOP###": "stop talking", "###HUMAN###": "The human said:",
+                   "###BOT###": "The assistant said:"}
+
+
+@dataclass
+class SummaryConfig:
+    """Notebook 01: PPO on FLAN-T5 news summaries, rewarded by two off-the-shelf classifiers."""
+
+    policy: str = "google/flan-t5-small"
+    dataset: str = "argilla/news-summary"
+    prompt_prefix: str = "summarize: "
+    n_train: int = 1000            # training texts (the original used the 1,000-row train split)
+    n_test: int = 100              # held-out texts for before/after
+    test_min_chars: int = 200      # the original compared on test texts of 200-450 characters
+    test_max_chars: int = 450
+    cola_model: str = "textattack/roberta-base-CoLA"
+    cola_label: str = "LABEL_1"    # "acceptable"
+    cola_weight: float = 1.0
+    sentiment_model: str = "cardiffnlp/twitter-roberta-base-sentiment"
+    sentiment_label: str = "LABEL_1"  # "neutral"
+    sentiment_weight: float = 0.5
+    load_in_4bit: bool = False     # T5-small/base fit easily; 4-bit is for the 8B track
+    lora_r: int = 16
+    lora_alpha: int = 32
+    steps: int = 250               # PPO steps (2 epochs x 125 batches in the original)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        learning_rate=2e-5, batch_size=8, mini_batch_size=8, gradient_accumulation_steps=1, ppo_epochs=4,
+        kl_coef=0.2, adaptive_kl=True, kl_target=6.0, min_new_tokens=8, max_new_tokens=48))
+
+
+@dataclass
+class SFTConfig:
+    """Notebook 02: SAWYER SFT of a raw base LLM on guanaco conversations (QLoRA)."""
+
+    base_model: str = "meta-llama/Meta-Llama-3-8B"
+    datasets: tuple[str, ...] = ("timdettmers/openassistant-guanaco", "guanaco/guanaco")
+    max_rows: int | None = None    # cap per dataset (None: all)
+    eval_fraction: float = 0.2
+    seed: int = 42
+    max_seq_len: int = 1024        # tokens; longer conversations are filtered out (with a count)
+    load_in_4bit: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "qv"       # "qv" (the original) or "all-linear"
+    phrases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PHRASES))
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    epochs: float = 1.0
+    max_steps: int = -1            # -1: run the epochs
+    gradient_checkpointing: bool = True
+    eval_batches: int | None = None  # cap evaluation batches (None: the whole eval split)
+
+
+@dataclass
+class RewardConfig:
+    """Notebook 03: the cross-encoder reward model trained on scored comparison pairs."""
+
+    base_model: str = "roberta-base"
+    comparison_file: str = COMPARISON_URL
+    max_items: int | None = None   # comparison items to read (None: all)
+    eval_fraction: float = 0.2
+    seed: int = 42
+    max_length: int = 512          # question + answer tokens, truncated from the answer's end
+    margin: str = "score_diff"     # "score_diff" (the original) or "none"
+    margin_scale: float = 1.0
+    learning_rate: float = 1e-6
+    epochs: float = 3.0
+    batch_size: int = 8
+    max_steps: int = -1
+
+
+@dataclass
+class SawyerPPOConfig:
+    """Notebook 04: PPO of the SFT model against the cross-encoder, on dolly prompts."""
+
+    dataset: str = "databricks/databricks-dolly-15k"
+    n_prompts: int = 2000
+    n_test: int = 200
+    max_prompt_tokens: int = 128
+    seed: int = 42
+    load_in_4bit: bool = True
+    steps: int = 450
+    checkpoint_every: int = 25
+    sample_every: int = 10         # show a table of sampled responses every N steps
+    reward_batch_size: int = 16
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2, kl_coef=0.2, adaptive_kl=True,
+        kl_target=6.0, min_new_tokens=128, max_new_tokens=256))
+
+
+@dataclass
+class EvalConfig:
+    """Notebook 05: before/after reward statistics and the knowledge benchmarks."""
+
+    n_test: int = 200
+    max_new_tokens: int = 256
+    truthful_qa: str = "truthful_qa"
+    mmlu: str = "cais/mmlu"
+    max_questions: int | None = None   # cap per benchmark (None: all: 817 and 171)
+    bootstrap_samples: int = 10000
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Preset:
+    """A whole course's settings: one config per notebook."""
+
+    name: str
+    summary: SummaryConfig
+    sft: SFTConfig
+    reward: RewardConfig
+    ppo: SawyerPPOConfig
+    eval: EvalConfig
+    description: str = ""
+
+
+def _tiny() -> Preset:
+    return Preset(
+        name="tiny",
+        description="offline, CPU, minutes: tiny models of the real classes, data from data/",
+        summary=SummaryConfig(
+            policy="tiny:t5", dataset="data/news-summary", cola_model="tiny:cola", sentiment_model="tiny:sentiment",
+            n_train=80, n_test=24, steps=12, lora_r=8, lora_alpha=16,
+            ppo=PPOConfig(learning_rate=3e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=0.05,
+                          adaptive_kl=True, kl_target=6.0, min_new_tokens=4, max_new_tokens=16,
+                          gradient_checkpointing=False)),
+        sft=SFTConfig(
+            base_model="tiny:llama", datasets=("data/openassistant-guanaco", "data/guanaco"), max_seq_len=256,
+            load_in_4bit=False, lora_r=16, lora_alpha=32, lora_targets="all-linear", learning_rate=2e-3,
+            batch_size=8, gradient_accumulation_steps=1, epochs=3.0, gradient_checkpointing=False),
+        reward=RewardConfig(
+            base_model="tiny:minilm", comparison_file="data/gpt4-llm-comparison/comparison_data_v2.json",
+            max_length=128, learning_rate=5e-5, epochs=2.0, batch_size=16),
+        ppo=SawyerPPOConfig(
+            dataset="data/databricks-dolly-15k", n_prompts=200, n_test=24, load_in_4bit=False, steps=8,
+            checkpoint_every=4, sample_every=4,
+            ppo=PPOConfig(learning_rate=2e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=0.05,
+                          min_new_tokens=4, max_new_tokens=24, gradient_checkpointing=False)),
+        eval=EvalConfig(n_test=24, max_new_tokens=24, truthful_qa="data/truthful_qa", mmlu="data/mmlu",
+                        bootstrap_samples=2000),
+    )
+
+
+def _t4() -> Preset:
+    return Preset(
+        name="t4",
+        description="a free Colab T4 (16 GB, fp16): each notebook in about 20 minutes",
+        summary=SummaryConfig(policy="google/flan-t5-base", n_train=400, n_test=60, steps=40,
+                              ppo=PPOConfig(learning_rate=2e-5 * 5, batch_size=16, mini_batch_size=8, ppo_epochs=4,
+                                            min_new_tokens=8, max_new_tokens=48)),
+        sft=SFTConfig(base_model="Qwen/Qwen2.5-1.5B", max_rows=2000, max_seq_len=512, lora_r=16, lora_alpha=32,
+                      lora_targets="all-linear", batch_size=4, gradient_accumulation_steps=2, max_steps=150,
+                      eval_batches=40),
+        reward=RewardConfig(max_items=3000, max_length=256, learning_rate=1e-5, epochs=1.0, batch_size=32,
+                            max_steps=400),
+        ppo=SawyerPPOConfig(n_prompts=600, n_test=100, steps=40, checkpoint_every=10,
+                            ppo=PPOConfig(learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2,
+                                          min_new_tokens=16, max_new_tokens=96)),
+        eval=EvalConfig(n_test=100, max_new_tokens=96, max_questions=200),
+    )
+
+
+def _a100() -> Preset:
+    return Preset(name="a100", description="the book-scale reproduction: Meta-Llama-3-8B, full data, original settings",
+                  summary=SummaryConfig(), sft=SFTConfig(), reward=RewardConfig(), ppo=SawyerPPOConfig(),
+                  eval=EvalConfig())
+
+
+PRESETS = {"tiny": _tiny, "t4": _t4, "a100": _a100}
+
+
+def get_preset(name: str = "auto", **overrides) -> Preset:
+    """Return a fresh preset by name. ``auto``: ``tiny`` without a GPU, ``t4`` with one.
+
+    Keyword overrides replace whole stage configs, e.g. ``get_preset("tiny", ppo=my_ppo_cfg)``.
+    """
+    if name == "auto":
+        import torch
+
+        name = "t4" if torch.cuda.is_available() else "tiny"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: auto, {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+def as_dict(preset: Preset) -> dict:
+    """The preset as plain JSON-able data (written into every run folder)."""
+    return dataclasses.asdict(preset)
