@@ -1,0 +1,36 @@
+"""Shared test set-up: fully offline, network guarded, tiny models built once per session.
+
+Every test runs with the hub switched off (``HF_HUB_OFFLINE=1``) and with ``sawyer.netguard`` installed,
+so a socket to any non-loopback address raises. ``test_offline.py`` checks that nothing was attempted.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["SAWYER_NETGUARD"] = "1"  # also inherited by notebook kernels started from tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sawyer import netguard  # noqa: E402
+
+netguard.install()
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_paths():
+    """Folders of every tiny model (built on first use, cached under $SAWYER_CACHE)."""
+    from sawyer import tiny
+
+    return tiny.build_all()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any code (even code that swallowed the error) tried to reach the network."""
+    if netguard.blocked:
+        print(f"\nSAWYER offline guard: {len(netguard.blocked)} outside connection(s) attempted: {netguard.blocked}")
+        session.exitstatus = 1
