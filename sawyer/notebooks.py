@@ -34,11 +34,11 @@ def to_notebook(source: Path) -> nbformat.NotebookNode:
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
     nb.metadata["jupytext"].pop("text_representation", None)
-    for cell in nb.cells:
+    for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
-        cell.pop("id", None)
+        cell["id"] = f"cell-{i:02d}"  # deterministic ids keep regenerated notebooks byte-identical
     nb.nbformat, nb.nbformat_minor = 4, 5
     return nb
 
@@ -120,8 +120,8 @@ def execute(notebook: Path, output: Path, parameters: dict, *, cwd: Path | None 
                             cwd=str(cwd or REPO_ROOT), progress_bar=False, execution_timeout=timeout,
                             log_output=False)
     except PapermillExecutionError as e:
-        cell = _code_cell_number(output, e.cell_index)
-        raise NotebookFailed(notebook.name, cell, f"{e.ename}: {e.evalue}", output) from None
+        cell, first_line = _failed_cell(output)
+        raise NotebookFailed(notebook.name, cell, f"{e.ename}: {e.evalue} (in `{first_line}`)", output) from None
     except Exception as e:  # kernel death, timeout: still say which notebook
         raise NotebookFailed(notebook.name, None, f"{type(e).__name__}: {e}", output) from e
     finally:
@@ -130,16 +130,19 @@ def execute(notebook: Path, output: Path, parameters: dict, *, cwd: Path | None 
     return time.time() - start
 
 
-def _code_cell_number(executed: Path, cell_index: int) -> int:
-    """papermill's index counts its injected cells; report the index in the user's notebook instead."""
+def _failed_cell(executed: Path) -> tuple[int | None, str]:
+    """The failing cell's 0-based index in the *user's* notebook (papermill's own cells not counted)
+    and its first line of code, read from the executed copy."""
     try:
         nb = nbformat.read(executed, as_version=4)
-        injected = sum(1 for c in nb.cells[:cell_index]
-                       if "injected-parameters" in c.get("metadata", {}).get("tags", [])
-                       or "papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []))
-        return cell_index - injected
-    except Exception:  # the executed copy may be unreadable after a crash; the raw index still helps
-        return cell_index
+    except Exception:  # the executed copy may be unreadable after a crash
+        return None, "?"
+    own = [c for c in nb.cells if not {"injected-parameters", "papermill-error-cell-tag"}
+           & set(c.get("metadata", {}).get("tags", []))]
+    for i, cell in enumerate(own):
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return i, cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+    return None, "?"
 
 
 def main(argv: list[str] | None = None) -> int:
