@@ -1,0 +1,70 @@
+"""The "vibe check": a Streamlit chat with a SAWYER model (base model + SFT or PPO adapter).
+
+    streamlit run sawyer/app.py -- --base tiny:llama --adapter runs/workshop/04_ppo/adapter
+    # or with environment variables: SAWYER_BASE=... SAWYER_ADAPTER=... streamlit run sawyer/app.py
+
+The model loads once per process (``st.cache_resource``), not once per message. The history lives in
+``st.session_state`` and is formatted by ``sawyer.chat``; generation stops at ``###STOP###`` on every call
+(the original app lost the stop id on cache hits) and the reply is cut after the last ``###BOT###``
+(the original split on the wrong key). ``tests/test_app.py`` drives it headless with Streamlit's AppTest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import streamlit as st
+
+from sawyer.chat import Chat, generate_reply
+
+
+def _settings(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="streamlit run sawyer/app.py --")
+    parser.add_argument("--base", default=os.environ.get("SAWYER_BASE", "tiny:llama"))
+    parser.add_argument("--adapter", default=os.environ.get("SAWYER_ADAPTER") or None)
+    parser.add_argument("--load-in-4bit", action="store_true", default=os.environ.get("SAWYER_4BIT") == "1")
+    parser.add_argument("--max-new-tokens", type=int, default=int(os.environ.get("SAWYER_MAX_NEW_TOKENS", "128")))
+    return parser.parse_known_args(argv)[0]
+
+
+@st.cache_resource(show_spinner="Loading the model (once per process) ...")
+def load_model(base: str, adapter: str | None, load_in_4bit: bool):
+    """Base model (+ adapter with its marker tokens) and tokenizer, cached for the whole process."""
+    if adapter:
+        from sawyer.tokens import load_adapter
+
+        return load_adapter(base, adapter, load_in_4bit=load_in_4bit)
+    from sawyer.loading import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(base, load_in_4bit=load_in_4bit), load_tokenizer(base)
+
+
+def main() -> None:
+    args = _settings(sys.argv[1:])
+    st.set_page_config(page_title="SAWYER chat", page_icon=":speech_balloon:")
+    st.title("SAWYER: Wise Yet Engaging Responses?")
+    st.caption(f"base `{args.base}`" + (f" + adapter `{args.adapter}`" if args.adapter else " (no adapter)"))
+    model, tokenizer = load_model(args.base, args.adapter, args.load_in_4bit)
+
+    with st.sidebar:
+        temperature = st.slider("temperature", 0.0, 1.5, 0.7, 0.05, help="0 = greedy decoding")
+        max_new_tokens = st.slider("max new tokens", 8, 512, args.max_new_tokens, 8)
+        if st.button("Reset conversation"):
+            st.session_state.chat = Chat()
+
+    chat: Chat = st.session_state.setdefault("chat", Chat())
+    for role, message in chat.turns:
+        st.chat_message("user" if role == "human" else "assistant").write(message)
+
+    if message := st.chat_input("Say something to SAWYER"):
+        st.chat_message("user").write(message)
+        chat.add_user(message)
+        with st.spinner("thinking ..."):
+            reply = generate_reply(model, tokenizer, chat, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, do_sample=temperature > 0)
+        chat.add_bot(reply or "(empty reply)")
+        st.chat_message("assistant").write(reply or "(empty reply)")
+
+
+main()

@@ -1,0 +1,37 @@
+"""The Streamlit chat, driven headless with Streamlit's own testing API on the tiny model."""
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = Path(__file__).resolve().parent.parent / "sawyer" / "app.py"
+
+
+@pytest.fixture
+def app(monkeypatch):
+    monkeypatch.setenv("SAWYER_BASE", "tiny:llama")
+    monkeypatch.setenv("SAWYER_MAX_NEW_TOKENS", "12")
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_two_messages_get_two_replies(app):
+    app.chat_input[0].set_value("What is the capital of France?").run()
+    app.chat_input[0].set_value("And of Italy?").run()
+    assert not app.exception, app.exception
+    roles = [m.name for m in app.chat_message]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    texts = [m.markdown[0].value for m in app.chat_message]
+    assert texts[0] == "What is the capital of France?" and texts[2] == "And of Italy?"
+    assert texts[1] and texts[3]  # a reply (or the explicit "(empty reply)") is shown for each message
+    history = app.session_state["chat"].turns
+    assert [r for r, _ in history] == ["human", "bot", "human", "bot"]
+    assert all("###" not in m for _, m in history)  # markers never leak into the displayed replies
+
+
+def test_reset_clears_the_history(app):
+    app.chat_input[0].set_value("Hello there").run()
+    app.sidebar.button[0].click().run()
+    assert app.session_state["chat"].turns == []
