@@ -3,9 +3,14 @@
 Notebooks tell the story; this package holds the tricky parts, one module per concern
 (see the file tree in README.md). Import what you need, e.g. ``from sawyer import ppo``.
 """
+import logging as _logging
 import os as _os
 
 __version__ = "0.1.0"
+
+# bitsandbytes' CPU backend tries to fetch an optional faster kernel from the hub and warns when it cannot;
+# it then uses its built-in kernel, so offline the warning is expected noise for workshop attendees.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 # Tests and the offline dry run set SAWYER_NETGUARD=1: any socket to a non-loopback address then
 # raises, inside notebook kernels too (they import sawyer), which proves the course runs offline.

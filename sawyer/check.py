@@ -36,6 +36,35 @@ def gated_models(preset) -> list[str]:
     return [m for m in ids if m.startswith("meta-llama/")]
 
 
+def hub_login(preset, *, echo=print) -> bool:
+    """Log in to the hub only when the preset uses a gated model; returns whether it logged in.
+
+    The token comes from the ``HF_TOKEN`` environment variable or, on Colab, the ``HF_TOKEN`` secret
+    (key icon in the left bar). It is passed to ``huggingface_hub.login`` and never printed.
+    """
+    gated = gated_models(preset)
+    if not gated:
+        echo(f"preset {preset.name!r} uses no gated model: no hub login needed")
+        return False
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+
+            token = userdata.get("HF_TOKEN")
+        except Exception:  # not on Colab, or the secret is missing / not shared with this notebook
+            token = None
+    if not token:
+        raise RuntimeError(f"{', '.join(gated)} is gated: accept its licence on its hub page, then add your token as "
+                           "the HF_TOKEN secret (Colab) or environment variable; or use preset='t4', whose base "
+                           "model is ungated")
+    from huggingface_hub import login
+
+    login(token=token, add_to_git_credential=False)
+    echo(f"logged in to the hub for {', '.join(gated)} (token not shown)")
+    return True
+
+
 def preflight(preset, *, echo=print) -> dict:
     """Print the checks and return them as a dict; ``advice`` lists what to do about each problem."""
     info: dict = {"preset": preset.name, "python": sys.version.split()[0], "sawyer": sawyer.__version__}

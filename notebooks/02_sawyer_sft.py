@@ -1,0 +1,189 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · SAWYER SFT: teach a raw base LLM to hold a conversation
+#
+# <a href="https://colab.research.google.com/github/sawyer-workshop/sawyer/blob/main/notebooks/02_sawyer_sft.ipynb"><img src="https://colab.research.google.com/assets/colab-badge.svg" alt="Open In Colab"/></a>
+#
+# A **base** model (not an instruct model, on purpose) only continues documents: ask it a question and it
+# may answer, or write three more questions, or a forum thread. Supervised fine-tuning (SFT) on
+# conversations teaches it a *format*: a human turn, an assistant turn, and, crucially, **when to stop**.
+#
+# Four tricks from the workshop live here:
+# 1. a **chat template** with three new marker tokens `###HUMAN###`, `###BOT###`, `###STOP###`;
+# 2. **manual embedding initialisation** of those tokens (LoRA cannot learn a brand-new embedding from scratch
+#    in a few hundred steps, so we start each one at the mean embedding of a phrase that means the same thing);
+# 3. **QLoRA**: the base in 4-bit NF4, small trainable LoRA adapters on top;
+# 4. **completion-only loss**: the model is graded only on the final assistant reply and its `###STOP###`.
+
+# %% tags=["parameters"]
+preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
+run_dir = "workshop"  # run folder shared by notebooks 01-05 (runs/<run_dir>, or on Drive with use_drive)
+use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+max_steps = None      # SFT optimiser steps (None: the preset's); the knob that decides the time on a T4
+seed = 42
+
+# %% [markdown]
+# ## 0. Set-up
+# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+
+# %%
+import os, subprocess, sys  # noqa: E401
+
+if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                    "/content/sawyer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
+                   check=True)
+if "google.colab" in sys.modules:
+    sys.path.insert(0, "/content/sawyer")
+
+# %%
+import dataclasses
+
+import pandas as pd
+import torch
+from IPython.display import display
+
+from sawyer import chat, data, plots, sft, tokens
+from sawyer.check import hub_login, preflight
+from sawyer.presets import get_preset
+from sawyer.workshop import finish_stage, resolve_run_dir, stage_dir
+
+course = get_preset(preset)
+preflight(course)
+hub_login(course)  # only when the preset's base model is gated (Meta-Llama-3-8B on a100)
+cfg = course.sft
+if max_steps is not None:
+    cfg = dataclasses.replace(cfg, max_steps=int(max_steps))
+run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
+out = stage_dir(run, "02_sft")
+torch.manual_seed(seed)
+print(f"base model: {cfg.base_model}; run folder: {out}")
+
+# %% [markdown]
+# ## 1. The conversation template
+# Each turn renders as `###HUMAN### {message} ` or `###BOT### {message} `. A **prompt** for generation ends
+# with `###BOT###` (the model's cue to speak); a **finished** conversation ends with `###STOP###`, which is
+# what the model must learn to emit when it is done.
+
+# %%
+example = [("human", "hi"), ("bot", "sup")]
+print(chat.format_conversation(example))
+print(chat.format_prompt([("human", "What is the capital of France?")]))
+
+# %% [markdown]
+# ## 2. Data: guanaco conversations
+# `### Human: ... ### Assistant: ...` transcripts are parsed into turns. Conversations that **end on a human
+# turn** would have no assistant reply to learn from (the original trained such rows with every label masked),
+# so they are trimmed to their last assistant turn, or dropped if none is left. We count both.
+
+# %%
+conversations, load_stats = data.load_conversations(cfg.datasets, max_rows=cfg.max_rows)
+display(pd.DataFrame(load_stats).T)
+train_convs, eval_convs = data.split(conversations, cfg.eval_fraction, cfg.seed)
+print(f"{len(train_convs)} training and {len(eval_convs)} evaluation conversations (split {1 - cfg.eval_fraction:.0%}"
+      f"/{cfg.eval_fraction:.0%}, seed {cfg.seed})")
+
+# %% [markdown]
+# ## 3. The model: 4-bit base, three new tokens, LoRA
+# `prepare_sawyer_model` loads the base (4-bit NF4 when the preset asks), adds the markers, initialises each new
+# row of the **input embeddings and of the output layer** (`lm_head`, which Llama-3 does not tie to the input
+# embeddings) to the mean of its phrase's embeddings, then attaches LoRA. The original set only the input rows
+# and left the output rows at their resize default: the model could read `###STOP###` but had no sensible way
+# to *predict* it.
+
+# %%
+model, tokenizer, marker_ids = sft.prepare_sawyer_model(cfg)
+display(pd.DataFrame([{"marker": m, "id": i, "initialised from": cfg.phrases[m]} for m, i in marker_ids.items()]))
+
+# %% [markdown]
+# ## 4. Completion-only labels
+# Each conversation becomes `prompt + completion`, where the completion is the last assistant reply plus
+# `###STOP###`. Labels are `-100` (ignored by the loss) over the prompt. Sequences longer than the limit are
+# **dropped, not truncated**: truncation would cut off exactly the reply and the stop token we want to teach.
+#
+# **What to look for:** in the table, only the final reply's tokens and `###STOP###` carry a label.
+
+# %%
+train_examples, train_stats = sft.build_examples(train_convs, tokenizer, cfg.max_seq_len)
+eval_examples, eval_stats = sft.build_examples(eval_convs, tokenizer, cfg.max_seq_len)
+print(f"train: {train_stats}; eval: {eval_stats} (max {cfg.max_seq_len} tokens)")
+ex = train_examples[0]
+display(pd.DataFrame({"token": tokenizer.convert_ids_to_tokens(ex["input_ids"]),
+                      "trained on": [label != sft.IGNORE_INDEX for label in ex["labels"]]}).tail(25).T)
+
+# %% [markdown]
+# ## 5. Before SFT: the base model
+# The same questions, greedy decoding. **What to look for:** the base model does not know the format; it
+# rarely emits `###STOP###` and runs until the token limit.
+
+# %%
+questions = [chat.trim_to_last_bot(c)[:-1] for c in eval_convs[:6]]
+before = sft.generate(model, tokenizer, questions, max_new_tokens=48)
+
+# %% [markdown]
+# ## 6. Train
+# AdamW at lr 2e-4 with a cosine schedule and 10% warm-up, LoRA on the preset's targets, the marker rows
+# trainable too. The eval loss is measured on the assistant replies only, before and after.
+
+# %%
+result = sft.train_sft(model, tokenizer, train_examples, eval_examples, cfg, output_dir=out / "trainer")
+print(f"eval loss {result['eval_loss_before']:.3f} -> {result['eval_loss_after']:.3f} in {result['steps']} steps")
+losses = [{"step": r["step"], "loss/train": r["loss"]} for r in result["log_history"] if "loss" in r]
+display(plots.training_curves(losses, keys=("loss/train",), path=out / "sft_loss.png", title="SFT training loss"))
+
+# %% [markdown]
+# ## 7. After SFT: base model vs SAWYER
+# **What to look for:** SAWYER answers in the format and stops at `###STOP###`.
+
+# %%
+after = sft.generate(model, tokenizer, questions, max_new_tokens=48)
+display(pd.DataFrame({"question": [q[-1][1][:80] for q in questions],
+                      "base model": [g.reply[:120] for g in before], "base stopped": [g.stopped for g in before],
+                      "SAWYER": [g.reply[:120] for g in after], "SAWYER stopped": [g.stopped for g in after]}))
+stop_before = sum(g.stopped for g in before) / len(before)
+stop_after = sum(g.stopped for g in after) / len(after)
+print(f"replies ending in ###STOP###: base {stop_before:.0%}, SAWYER {stop_after:.0%}")
+
+# %% [markdown]
+# ## 8. Save only what changed
+# The original saved the resized embedding matrices with the adapter: 2.3 GB. We save the LoRA weights and
+# the **three marker rows** (input and output), plus the tokenizer: compare that with the full matrices.
+
+# %%
+adapter_dir = out / "adapter"
+adapter_bytes = tokens.save_adapter(model, tokenizer, adapter_dir)
+emb = model.get_base_model().get_input_embeddings().weight
+matrices_bytes = 2 * emb.shape[0] * emb.shape[1] * 2  # input + output matrix in 16-bit
+print(f"adapter folder: {tokens.format_bytes(adapter_bytes)}; the two embedding matrices alone would be "
+      f"{tokens.format_bytes(matrices_bytes)} in 16-bit")
+
+# %% [markdown]
+# ## 9. Reload it
+# `load_adapter` loads the base, resizes its vocabulary, restores the marker rows and attaches the adapter:
+# this is how notebooks 04, 05 and the chat app get SAWYER back.
+
+# %%
+reloaded, reloaded_tok = tokens.load_adapter(cfg.base_model, adapter_dir, load_in_4bit=cfg.load_in_4bit)
+again = sft.generate(reloaded, reloaded_tok, questions[:2], max_new_tokens=48)
+print("same replies after reload:", [g.reply for g in again] == [g.reply for g in after[:2]])
+del reloaded
+
+# %%
+metrics = {"preset": course.name, "base_model": cfg.base_model, "train_examples": len(train_examples),
+           "eval_examples": len(eval_examples), "filtered_too_long": train_stats.get("too_long", 0)
+           + eval_stats.get("too_long", 0), "eval_loss_before": result["eval_loss_before"],
+           "eval_loss_after": result["eval_loss_after"], "steps": result["steps"],
+           "stop_rate_before": stop_before, "stop_rate_after": stop_after,
+           "adapter_bytes": adapter_bytes, "embedding_matrices_bytes": matrices_bytes}
+finish_stage(run, "02_sft", metrics)
+metrics
