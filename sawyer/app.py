@@ -16,7 +16,7 @@ import sys
 
 import streamlit as st
 
-from sawyer.chat import Chat, generate_reply
+from sawyer.chat import Chat, generate_reply, load_chat_model
 
 
 def _settings(argv: list[str]) -> argparse.Namespace:
@@ -31,13 +31,7 @@ def _settings(argv: list[str]) -> argparse.Namespace:
 @st.cache_resource(show_spinner="Loading the model (once per process) ...")
 def load_model(base: str, adapter: str | None, load_in_4bit: bool):
     """Base model (+ adapter with its marker tokens) and tokenizer, cached for the whole process."""
-    if adapter:
-        from sawyer.tokens import load_adapter
-
-        return load_adapter(base, adapter, load_in_4bit=load_in_4bit)
-    from sawyer.loading import load_causal_lm, load_tokenizer
-
-    return load_causal_lm(base, load_in_4bit=load_in_4bit), load_tokenizer(base)
+    return load_chat_model(base, adapter, load_in_4bit)
 
 
 def main() -> None:

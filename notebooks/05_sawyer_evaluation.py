@@ -1,0 +1,233 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · What did RL change, and what did it not? An honest evaluation
+#
+# <a href="https://colab.research.google.com/github/sawyer-workshop/sawyer/blob/main/notebooks/05_sawyer_evaluation.ipynb"><img src="https://colab.research.google.com/assets/colab-badge.svg" alt="Open In Colab"/></a>
+#
+# Three models, one base: the **base** model, **SFT** (notebook 02) and **SFT+PPO** (notebook 04), compared on
+# the held-out prompts PPO never trained on. Two questions:
+#
+# 1. Did PPO raise the reward, by how much, and is that more than chance? (Distributions, paired tests, a
+#    confidence interval, an effect size; every number computed here, none typed in.)
+# 2. Did PPO change what the model *knows*? Multiple-choice benchmarks (TruthfulQA mc1, MMLU world religions)
+#    say no: RL changes style, not knowledge. In the original workshop accuracy even dropped (TruthfulQA
+#    0.329 -> 0.222, world religions 0.772 -> 0.702).
+
+# %% tags=["parameters"]
+preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
+run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on Drive with use_drive)
+use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+max_questions = None  # per benchmark (None: the preset's); the knob that decides the time on a T4
+seed = 0
+
+# %% [markdown]
+# ## 0. Set-up
+# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+
+# %%
+import os, subprocess, sys  # noqa: E401
+
+if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                    "/content/sawyer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
+                   check=True)
+if "google.colab" in sys.modules:
+    sys.path.insert(0, "/content/sawyer")
+
+# %%
+import contextlib
+import dataclasses
+import json
+
+import pandas as pd
+import torch
+from IPython.display import display
+
+from sawyer import chat, data, evaluation, plots, tokens
+from sawyer.check import hub_login, preflight
+from sawyer.presets import get_preset
+from sawyer.reward import CrossEncoderReward, length_bias
+from sawyer.workshop import finish_stage, require_stages, resolve_run_dir, stage_dir
+
+course = get_preset(preset)
+preflight(course)
+hub_login(course)
+cfg = course.eval
+if max_questions is not None:
+    cfg = dataclasses.replace(cfg, max_questions=int(max_questions))
+run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
+require_stages(run, "02_sft", "03_reward_model", "04_ppo")
+out = stage_dir(run, "05_evaluation")
+torch.manual_seed(seed)
+
+# %% [markdown]
+# ## 1. Three models on one copy of the base weights
+# The SFT and PPO adapters are loaded side by side on the same base model; switching adapters switches model,
+# and switching them off gives the base model back (with the marker rows at their phrase-mean start).
+
+# %%
+model, tokenizer = tokens.load_adapter(course.sft.base_model, run / "02_sft" / "adapter",
+                                       load_in_4bit=course.ppo.load_in_4bit)
+model.load_adapter(str(run / "04_ppo" / "adapter"), adapter_name="ppo")
+
+
+@contextlib.contextmanager
+def use(name):
+    """Run the block as the base model, SFT, or SFT+PPO."""
+    if name == "base":
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter({"sft": "default", "ppo": "ppo"}[name])
+        yield
+
+
+MODELS = ("base", "sft", "ppo")
+test_prompts = json.loads((run / "04_ppo" / "test_prompts.json").read_text())[: cfg.n_test]
+print(f"{len(test_prompts)} held-out prompts")
+
+# %% [markdown]
+# ## 2. Answers and rewards
+# Each model answers every held-out prompt (sampling at temperature 0.7 from a fixed seed, so the run
+# reproduces); the reward model scores every answer. Rows go to `05_evaluation/eval_rewards.jsonl`.
+
+# %%
+reward_fn = CrossEncoderReward.from_pretrained(run / "03_reward_model" / "model",
+                                               max_length=course.reward.max_length,
+                                               question_from_prompt=chat.question_from_prompt)
+answers, rewards = {}, {}
+for name in MODELS:
+    with use(name):
+        answers[name] = evaluation.generate(model, tokenizer, test_prompts, max_new_tokens=cfg.max_new_tokens,
+                                            batch_size=cfg.batch_size, do_sample=True, temperature=0.7,
+                                            stop_token_ids=chat.stop_token_ids(tokenizer), seed=cfg.seed)
+    answers[name] = [chat.extract_reply(a) for a in answers[name]]
+    rewards[name] = reward_fn(test_prompts, answers[name]).numpy()
+lengths = {name: [len(a.split()) for a in answers[name]] for name in MODELS}
+with open(out / "eval_rewards.jsonl", "w") as f:
+    for name in MODELS:
+        for i, (r, n) in enumerate(zip(rewards[name], lengths[name])):
+            f.write(json.dumps({"prompt_id": i, "model": name, "reward": float(r), "length": n}) + "\n")
+display(pd.DataFrame({"prompt": [chat.question_from_prompt(p)[:60] for p in test_prompts],
+                      **{name: [a[:80] for a in answers[name]] for name in MODELS}}).head(5))
+
+# %% [markdown]
+# ## 3. Reward distributions
+# **What to look for:** the whole box moving, not only the mean. In the original, PPO raised the mean
+# (5.70 -> 6.92) and, tellingly, shrank the spread (std 3.52 -> 1.86): fewer bad answers, not only better ones.
+
+# %%
+display(evaluation.summary_table(rewards).round(3))
+display(plots.reward_boxplot(rewards, path=out / "reward_boxplot.png"))
+display(plots.reward_histograms(rewards, path=out / "reward_histograms.png"))
+
+# %% [markdown]
+# ## 4. Is the change real?
+# The same prompts were answered by every model, so the right test is **paired**: the Wilcoxon signed-rank test
+# on per-prompt differences. Mann-Whitney U (unpaired, as the original reported) is shown too. The bootstrap
+# gives a 95% confidence interval for the mean difference; the effect size says how big it is in units of
+# the differences' spread (Cohen's $d_z$; 0.2 small, 0.5 medium, 0.8 large).
+
+# %%
+comparisons = {"SFT vs base": ("base", "sft"), "PPO vs SFT": ("sft", "ppo"), "PPO vs base": ("base", "ppo")}
+tests = {}
+for label, (a, b) in comparisons.items():
+    tests[label] = evaluation.compare(rewards[a], rewards[b], paired=True, n_resamples=cfg.bootstrap_samples,
+                                      seed=cfg.seed)
+    print(f"{label}: " + evaluation.describe_change("reward", tests[label]))
+display(pd.DataFrame({label: {"mean diff": t["bootstrap"]["diff"], "CI low": t["bootstrap"]["ci_low"],
+                              "CI high": t["bootstrap"]["ci_high"], "Wilcoxon p": t["wilcoxon"]["p"],
+                              "Mann-Whitney p": t["mann_whitney"]["p"], "Cohen's d_z": t["effect_size"]["cohen_d"]}
+                      for label, t in tests.items()}).T.round(4))
+
+# %% [markdown]
+# ## 5. Reward vs length, before and after PPO
+# Notebook 03 measured how much the reward model pays for length. If PPO "improved" mostly by writing more,
+# the reward gain is partly a length gain. **What to look for:** the mean length column, and whether the
+# correlation is strong for the PPO model.
+
+# %%
+bias = {name: length_bias(rewards[name], lengths[name]) for name in MODELS}
+display(pd.DataFrame({name: {"mean length (words)": sum(lengths[name]) / len(lengths[name]),
+                             "Spearman rho": bias[name]["spearman_rho"], "p": bias[name]["spearman_p"]}
+                      for name in MODELS}).T.round(3))
+display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answers", path=out / "length_ppo.png"))
+
+# %% [markdown]
+# ## 6. What RL does not change: knowledge
+# Multiple-choice questions, scored two ways:
+# - **log-likelihood**: the model's probability of each choice after the question; the most probable choice
+#   is the answer (no free text, so no answer-parsing failures);
+# - **letter answer** (the original's protocol): the choices listed as A, B, C, D and the model's probability
+#   of each letter as the next token.
+#
+# The error bars are 95% Wilson intervals: with a few dozen questions they are wide, so small differences mean
+# nothing. **What to look for:** overlapping intervals between SFT and PPO.
+
+# %%
+benchmarks = {"truthful_qa mc1": data.load_truthful_qa_mc1(cfg.truthful_qa, n=cfg.max_questions),
+              "mmlu world_religions": data.load_mmlu(cfg.mmlu, subject="world_religions", n=cfg.max_questions)}
+bench = {}
+for bname, questions in benchmarks.items():
+    for name in MODELS:
+        with use(name):
+            res = evaluation.score_choices_loglik(model, tokenizer, questions, batch_size=cfg.batch_size,
+                                                  label=f"{bname} / {name}")
+            bench[f"{bname} | {name} | loglik"] = res
+            if name != "base":
+                bench[f"{bname} | {name} | letter"] = evaluation.score_letter_answer(
+                    model, tokenizer, questions, batch_size=cfg.batch_size, label=f"{bname} / {name}")
+summary = {k: {f: v[f] for f in ("accuracy", "ci_low", "ci_high", "n")} for k, v in bench.items()}
+(out / "benchmarks.json").write_text(json.dumps(summary, indent=1))
+display(pd.DataFrame(summary).T.round(3))
+display(plots.accuracy_bars({k: v for k, v in summary.items() if "loglik" in k}, path=out / "benchmarks.png"))
+
+# %% [markdown]
+# ## 7. What RL changed, and what it did not
+# Generated from the numbers above.
+
+# %%
+ppo_vs_sft = tests["PPO vs SFT"]
+lines = ["**Reward.** " + evaluation.describe_change("reward", ppo_vs_sft)]
+std_sft, std_ppo = ppo_vs_sft["before"]["std"], ppo_vs_sft["after"]["std"]
+lines.append(f"**Spread.** The reward's standard deviation went from {std_sft:.2f} (SFT) to {std_ppo:.2f} (PPO).")
+len_sft = sum(lengths["sft"]) / len(lengths["sft"])
+len_ppo = sum(lengths["ppo"]) / len(lengths["ppo"])
+lines.append(f"**Length.** Mean answer length went from {len_sft:.1f} to {len_ppo:.1f} words; the reward model's "
+             f"length preference (Spearman rho on PPO answers) is {bias['ppo']['spearman_rho']:.2f}.")
+for bname in benchmarks:
+    s, p = summary[f"{bname} | sft | loglik"], summary[f"{bname} | ppo | loglik"]
+    overlap = not (p["ci_high"] < s["ci_low"] or s["ci_high"] < p["ci_low"])
+    lines.append(f"**{bname}.** SFT {s['accuracy']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}] vs PPO "
+                 f"{p['accuracy']:.3f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]: "
+                 + ("the intervals overlap: no evidence that RL changed what the model knows."
+                    if overlap else "the intervals do not overlap: RL changed accuracy here; read the answers."))
+from IPython.display import Markdown  # noqa: E402
+
+display(Markdown("\n\n".join(lines)))
+
+# %%
+figures = plots.redraw_run(run)  # every figure again, from the run folder's logs alone
+metrics = {"preset": course.name, "n_prompts": len(test_prompts),
+           **{f"reward_mean_{n}": float(rewards[n].mean()) for n in MODELS},
+           **{f"reward_median_{n}": float(pd.Series(rewards[n]).median()) for n in MODELS},
+           **{f"reward_std_{n}": float(rewards[n].std(ddof=1)) for n in MODELS},
+           "ppo_vs_sft_wilcoxon_p": ppo_vs_sft["wilcoxon"]["p"],
+           "ppo_vs_sft_mann_whitney_p": ppo_vs_sft["mann_whitney"]["p"],
+           "ppo_vs_sft_mean_diff": ppo_vs_sft["bootstrap"]["diff"],
+           "ppo_vs_sft_ci": [ppo_vs_sft["bootstrap"]["ci_low"], ppo_vs_sft["bootstrap"]["ci_high"]],
+           "mean_length_sft": len_sft, "mean_length_ppo": len_ppo,
+           **{f"acc {k}": v["accuracy"] for k, v in summary.items()},
+           "summary": " ".join(lines)}
+finish_stage(run, "05_evaluation", metrics)
+metrics
