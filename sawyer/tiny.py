@@ -72,6 +72,10 @@ def build(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    threads = torch.get_num_threads()
+    # One thread: the same weights on every machine whatever its core count, and no thread
+    # oversubscription when several processes (test workers, notebook kernels) build at once.
+    torch.set_num_threads(1)
     try:
         _BUILDERS[name](tmp)
         try:
@@ -80,6 +84,7 @@ def build(name: str) -> Path:
             if not (target / "config.json").exists():
                 raise
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 

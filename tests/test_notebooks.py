@@ -1,0 +1,117 @@
+"""Every notebook, executed end to end on the tiny preset through the same runner as `make workshop`.
+
+One session-scoped run of the whole course (01-05 into one run folder); the tests then check what each
+notebook computed and wrote. A second run of notebook 04 on a copy of the run folder checks that the reward
+curves reproduce from the seed.
+"""
+import json
+import shutil
+
+import pytest
+
+from sawyer import plots, workshop
+
+
+@pytest.fixture(scope="session")
+def course_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("workshop") / "run"
+    lines = []
+    workshop.run("tiny", run_dir=str(run_dir), echo=lines.append)
+    return run_dir, lines
+
+
+def metrics(run_dir, stage):
+    return json.loads((run_dir / stage / "metrics.json").read_text())
+
+
+def test_runner_prints_one_line_per_notebook_and_writes_the_report(course_run):
+    run_dir, lines = course_run
+    for num, stem, stage, _ in workshop.COURSE:
+        assert any(stem in line and "running" in line for line in lines), lines
+        assert (run_dir / stage / "DONE").exists()
+        assert (run_dir / "notebooks" / f"{stem}.ipynb").exists()
+    report = (run_dir / "report.md").read_text()
+    for stem in ("01_flan_t5_neutral_summaries", "05_sawyer_evaluation"):
+        assert f"## {stem}" in report
+    assert "accuracy_after" in report and "ppo_vs_sft_wilcoxon_p" in report and ".png)" in report
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert set(timings) == {stem for _, stem, _, _ in workshop.COURSE}
+
+
+def test_01_reward_rises_and_before_after_is_computed(course_run):
+    run_dir, _ = course_run
+    m = metrics(run_dir, "01_summaries")
+    assert m["train_score_last"] > m["train_score_first"], m
+    for key in ("cola_mean_before", "cola_mean_after", "neutral_mean_before", "neutral_mean_after",
+                "cola_wilcoxon_p"):
+        assert isinstance(m[key], float)
+    log = plots.read_jsonl(run_dir / "01_summaries" / "ppo_log.jsonl")
+    assert len(log) == m["steps"]
+    assert (run_dir / "01_summaries" / "reward_boxplot.png").exists()
+
+
+def test_02_sft_loss_falls_stops_and_saves_a_small_adapter(course_run):
+    run_dir, _ = course_run
+    m = metrics(run_dir, "02_sft")
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    assert m["stop_rate_after"] > 0.5, "SFT model should end its replies with ###STOP###"
+    assert m["adapter_bytes"] < m["embedding_matrices_bytes"] / 2
+    assert (run_dir / "02_sft" / "adapter" / "adapter_config.json").exists()
+
+
+def test_03_reward_model_beats_075_on_held_out_pairs(course_run):
+    run_dir, _ = course_run
+    m = metrics(run_dir, "03_reward_model")
+    assert m["accuracy_after"] >= 0.75, m
+    assert m["accuracy_after"] > m["accuracy_before"]
+    assert (run_dir / "03_reward_model" / "model" / "model.safetensors").exists()
+
+
+def test_04_ppo_logs_every_step_and_checkpoints(course_run):
+    run_dir, _ = course_run
+    m = metrics(run_dir, "04_ppo")
+    log = plots.read_jsonl(run_dir / "04_ppo" / "ppo_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, m["steps"] + 1))
+    for name in ("objective/score", "objective/kl", "policy/clipfrac", "val/explained_variance", "time/generate"):
+        assert name in log[0]
+    assert (run_dir / "04_ppo" / "checkpoint" / "trainer_state.json").exists()
+    assert (run_dir / "04_ppo" / "adapter" / "adapter_config.json").exists()
+
+
+def test_05_evaluation_numbers_come_from_the_run(course_run):
+    run_dir, _ = course_run
+    m = metrics(run_dir, "05_evaluation")
+    rows = plots.read_jsonl(run_dir / "05_evaluation" / "eval_rewards.jsonl")
+    assert len(rows) == 3 * m["n_prompts"]
+    ppo_rewards = [r["reward"] for r in rows if r["model"] == "ppo"]
+    assert abs(sum(ppo_rewards) / len(ppo_rewards) - m["reward_mean_ppo"]) < 1e-6
+    bench = json.loads((run_dir / "05_evaluation" / "benchmarks.json").read_text())
+    assert {"truthful_qa mc1 | sft | loglik", "mmlu world_religions | ppo | letter"} <= set(bench)
+    assert all(0 <= b["ci_low"] <= b["accuracy"] <= b["ci_high"] <= 1 for b in bench.values())
+    assert "Reward." in m["summary"]
+    assert (run_dir / "figures").is_dir() and any((run_dir / "figures").glob("*.png"))
+
+
+def test_resume_skips_finished_notebooks(course_run):
+    run_dir, _ = course_run
+    lines = []
+    workshop.run("tiny", run_dir=str(run_dir), resume=True, echo=lines.append)
+    assert sum("skipped" in line for line in lines) == len(workshop.COURSE)
+
+
+def test_ppo_reward_curves_reproduce_from_the_seed(course_run, tmp_path):
+    run_dir, _ = course_run
+    copy = tmp_path / "again"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("04_ppo", "05_evaluation"))
+    workshop.run("tiny", run_dir=str(copy), only=["04"], echo=lambda *a, **k: None)
+
+    def curves(folder):
+        return [{k: v for k, v in row.items() if not k.startswith("time/")}
+                for row in plots.read_jsonl(folder / "04_ppo" / "ppo_log.jsonl")]
+
+    first, second = curves(run_dir), curves(copy)
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
