@@ -147,7 +147,7 @@ for label, (a, b) in comparisons.items():
     print(f"{label}: " + evaluation.describe_change("reward", tests[label]))
 display(pd.DataFrame({label: {"mean diff": t["bootstrap"]["diff"], "CI low": t["bootstrap"]["ci_low"],
                               "CI high": t["bootstrap"]["ci_high"], "Wilcoxon p": t["wilcoxon"]["p"],
-                              "Mann-Whitney p": t["mann_whitney"]["p"], "Cohen's d_z": t["effect_size"]["cohen_d"]}
+                              "Mann-Whitney p": t["mann_whitney"]["p"], "Cohen's d_z": t["effect_size"]["cohens_d"]}
                       for label, t in tests.items()}).T.round(4))
 
 # %% [markdown]

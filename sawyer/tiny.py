@@ -202,7 +202,7 @@ def _build_llama(out: Path) -> None:
     texts = corpus()
     tok = _tokenizer("llama", texts)
     torch.manual_seed(SEED)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
                       tie_word_embeddings=False, rope_theta=500000.0)
