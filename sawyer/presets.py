@@ -157,8 +157,8 @@ def _tiny() -> Preset:
                           gradient_checkpointing=False)),
         sft=SFTConfig(
             base_model="tiny:llama", datasets=("data/openassistant-guanaco", "data/guanaco"), max_seq_len=256,
-            load_in_4bit=False, lora_r=16, lora_alpha=32, lora_targets="all-linear", learning_rate=2e-3,
-            batch_size=8, gradient_accumulation_steps=1, epochs=3.0, gradient_checkpointing=False),
+            load_in_4bit=False, lora_r=16, lora_alpha=32, lora_targets="all-linear", learning_rate=1e-2,
+            batch_size=8, gradient_accumulation_steps=1, epochs=2.0, gradient_checkpointing=False),
         reward=RewardConfig(
             base_model="tiny:minilm", comparison_file="data/gpt4-llm-comparison/comparison_data_v2.json",
             max_length=128, learning_rate=5e-5, epochs=2.0, batch_size=16),
