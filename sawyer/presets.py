@@ -161,7 +161,7 @@ def _tiny() -> Preset:
             batch_size=8, gradient_accumulation_steps=1, epochs=2.0, gradient_checkpointing=False),
         reward=RewardConfig(
             base_model="tiny:minilm", comparison_file="data/gpt4-llm-comparison/comparison_data_v2.json",
-            max_length=128, learning_rate=5e-5, epochs=2.0, batch_size=16),
+            max_length=96, learning_rate=1e-4, epochs=3.0, batch_size=16),
         ppo=SawyerPPOConfig(
             dataset="data/databricks-dolly-15k", n_prompts=200, n_test=24, load_in_4bit=False, steps=8,
             checkpoint_every=4, sample_every=4,
