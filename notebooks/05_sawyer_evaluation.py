@@ -175,7 +175,7 @@ display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answ
 # nothing. **What to look for:** overlapping intervals between SFT and PPO.
 
 # %%
-benchmarks = {"truthful_qa mc1": data.load_truthful_qa_mc1(cfg.truthful_qa, n=cfg.max_questions),
+benchmarks = {"truthful_qa mc1": data.load_truthful_qa_mc1(cfg.truthful_qa, n=cfg.max_questions, shuffle_seed=cfg.seed),
               "mmlu world_religions": data.load_mmlu(cfg.mmlu, subject="world_religions", n=cfg.max_questions)}
 bench = {}
 for bname, questions in benchmarks.items():

@@ -334,8 +334,12 @@ class MCQuestion:
     answer: int
 
 
-def load_truthful_qa_mc1(source: str, n: int | None = None) -> list[MCQuestion]:
+def load_truthful_qa_mc1(source: str, n: int | None = None, *, shuffle_seed: int | None = None) -> list[MCQuestion]:
     """TruthfulQA ``multiple_choice`` validation (817 questions), ``mc1`` targets: exactly one true choice.
+
+    In the dataset the true choice is always listed **first**, so a model that always answers "A" scores
+    100% on the letter protocol. Pass ``shuffle_seed`` to shuffle each question's choices (seeded per
+    question, so every model sees the same order); notebook 05 does.
 
     Questions are built so that imitating common human misconceptions gives the wrong answer; RL on a
     style reward is not expected to improve it (notebook 05: "RL changes style, not knowledge").
@@ -351,7 +355,10 @@ def load_truthful_qa_mc1(source: str, n: int | None = None) -> list[MCQuestion]:
             raise records.error(i, f"field 'mc1_targets.labels' must be {len(choices)} labels of 0/1, got {labels!r}")
         if labels.count(1) != 1:
             raise records.error(i, f"field 'mc1_targets.labels' must hold exactly one 1, got {labels!r}")
-        out.append(MCQuestion(question, choices, labels.index(1)))
+        order = list(range(len(choices)))
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}:{question}").shuffle(order)
+        out.append(MCQuestion(question, [choices[j] for j in order], order.index(labels.index(1))))
     return out
 
 

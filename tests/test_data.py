@@ -244,3 +244,13 @@ def test_hub_branch_reads_through_datasets(tmp_path, monkeypatch):
     assert records == [{"text": "a"}, {"text": ""}] and records.source_name == f"{folder}[train]"
     with pytest.raises(SchemaError, match=r"\[train\] index 1: field 'text' must be a non-empty string, got ''"):
         load_news(folder)
+
+
+def test_truthful_qa_shuffle_moves_the_answer_off_position_zero():
+    plain = load_truthful_qa_mc1("data/truthful_qa")
+    shuffled = load_truthful_qa_mc1("data/truthful_qa", shuffle_seed=0)
+    assert all(q.answer == 0 for q in plain)  # the dataset lists the true answer first
+    assert len({q.answer for q in shuffled}) > 1
+    for p, s in zip(plain, shuffled):
+        assert sorted(p.choices) == sorted(s.choices) and s.choices[s.answer] == p.choices[p.answer]
+    assert shuffled == load_truthful_qa_mc1("data/truthful_qa", shuffle_seed=0)
