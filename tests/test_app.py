@@ -28,7 +28,8 @@ def test_two_messages_get_two_replies(app):
     assert texts[1] and texts[3]  # a reply (or the explicit "(empty reply)") is shown for each message
     history = app.session_state["chat"].turns
     assert [r for r, _ in history] == ["human", "bot", "human", "bot"]
-    assert all("###" not in m for _, m in history)  # markers never leak into the displayed replies
+    markers = ("###HUMAN###", "###BOT###", "###STOP###")  # the template's markers never leak into replies
+    assert not any(mk in m for _, m in history for mk in markers)
 
 
 def test_reset_clears_the_history(app):
