@@ -8,10 +8,12 @@ http(s) URL. A relative ``data/...`` path is resolved against the repository roo
 Bad records are never skipped: they raise ``SchemaError`` naming the source, the row and the field, e.g.
 ``data/news-summary/train.jsonl row 7: field 'text' must be a non-empty string, got None``.
 Rows are 1-based line numbers for JSONL files and 0-based indices (``index 12``) for hub datasets and JSON
-lists. Every filter returns what it kept and reports (or logs) what it removed.
+lists. Files are UTF-8 (a BOM is accepted); a byte that is not names its file, row and byte offset; a source
+with no records at all is refused by name. Every filter returns what it kept and reports what it removed.
 """
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import logging
@@ -111,13 +113,35 @@ def _download(url: str) -> Path:
     return target
 
 
+def _decode(raw: bytes, name: str) -> str:
+    """UTF-8 text of a file's bytes, a leading BOM dropped (Notepad and Excel write one).
+
+    A byte that is not UTF-8 is a ``SchemaError`` naming the file, the line and the byte offset, e.g.
+    ``data/x.jsonl row 3 (byte 41): not UTF-8 (invalid start byte 0xe9)``: typically a file saved as Latin-1.
+    """
+    bom = raw.startswith(codecs.BOM_UTF8)
+    body = raw[len(codecs.BOM_UTF8):] if bom else raw
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = e.start + (len(codecs.BOM_UTF8) if bom else 0)
+        line = raw.count(b"\n", 0, start) + 1
+        bad = raw[start:start + max(1, e.end - e.start)].hex(" ")
+        raise SchemaError(f"{name} row {line} (byte {start}): not UTF-8 ({e.reason} 0x{bad}); "
+                          "re-save the file as UTF-8") from None
+
+
 def _read_file(path: Path, name: str) -> Records:
-    """A ``.jsonl`` file (one object per line; blank lines allowed) or a ``.json`` list of objects."""
-    text = path.read_text(encoding="utf-8")
+    """A ``.jsonl`` file (one object per line; blank lines allowed) or a ``.json`` list of objects.
+
+    JSON Lines are split on ``"\\n"`` only (``"\\r\\n"`` works too): ``str.splitlines`` would also split
+    inside a valid row at U+2028, U+0085 or a form feed, characters JSON allows unescaped in strings.
+    """
+    text = _decode(path.read_bytes(), name)
     if path.suffix == ".jsonl":
         rows, lines = [], []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
+        for n, line in enumerate(text.split("\n"), start=1):
+            if line.strip(" \t\r"):  # JSON's own whitespace; a line of other characters is an error
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
@@ -178,8 +202,12 @@ def read_records(source: str | os.PathLike, *, split: str = "train", config: str
                     if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
             raise OSError(f"could not load dataset {source!r} (config={config!r}, split={split!r}).{hint} "
                           f"({type(e).__name__}: {e})") from e
-        return Records(ds.to_list(), source_name(source, split=split, config=config))
-    return _read_file(path, source_name(source, split=split, config=config))
+        records = Records(ds.to_list(), source_name(source, split=split, config=config))
+    else:
+        records = _read_file(path, source_name(source, split=split, config=config))
+    if not records:  # later steps would divide by zero or train on nothing
+        raise SchemaError(f"{records.source_name}: holds no records (an empty file?); every stage needs data")
+    return records
 
 
 # --------------------------------------------------------------------------- notebook 01: news summaries

@@ -58,6 +58,63 @@ def test_row_numbers_are_file_lines(tmp_path):
         read_records(path)
 
 
+def test_jsonl_rows_split_on_newline_only(tmp_path):
+    """U+2028, U+0085 and a form feed are legal unescaped inside JSON strings; splitlines() would cut there."""
+    texts = ["line\u2028separator", "next\x85line", "form\x0cfeed"]
+    path = tmp_path / "d" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not escaped
+    records = read_records(path)
+    assert [r["text"] for r in records] == texts and records.line_numbers == [1, 2, 3]
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "d" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "caf\xc3\xa9"}\n')
+    assert load_news(path) == ["caf\u00e9"]
+    js = tmp_path / "c.json"
+    js.write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
+    assert read_records(js) == [{"a": 1}]
+
+
+def test_non_utf8_byte_names_file_row_and_byte(tmp_path):
+    path = tmp_path / "d" / "train.jsonl"
+    path.parent.mkdir()
+    latin1 = '{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1")  # the 0xe9 byte sits at offset 28
+    path.write_bytes(latin1)
+    assert latin1.index(b"\xe9") == 28
+    with pytest.raises(SchemaError, match=r"train\.jsonl row 2 \(byte 28\): not UTF-8 \(invalid continuation byte"):
+        read_records(path)
+    path.write_bytes(b"\xef\xbb\xbf" + latin1)  # offsets count the BOM: the byte as an editor shows it
+    with pytest.raises(SchemaError, match=r"row 2 \(byte 31\)"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf"])
+def test_empty_jsonl_is_refused_by_name(tmp_path, content):
+    path = tmp_path / "dolly" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(SchemaError, match=r"dolly/train\.jsonl: holds no records"):
+        load_dolly_prompts(tmp_path / "dolly")
+
+
+def test_empty_json_list_is_refused_by_name(tmp_path):
+    path = tmp_path / "cmp.json"
+    path.write_text("[]", encoding="utf-8")
+    with pytest.raises(SchemaError, match=r"cmp\.json: holds no records"):
+        load_comparisons(str(path))
+
+
+def test_a_line_of_unicode_whitespace_is_not_blank(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\u2028\n', encoding="utf-8")
+    with pytest.raises(SchemaError, match="row 2: not valid JSON"):
+        read_records(path)
+
+
 def test_schema_error_is_a_value_error():
     assert issubclass(SchemaError, ValueError)
 
