@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from IPython.display import clear_output, display
 
-from sawyer import data, evaluation, loading, lora, plots, ppo
+from sawyer import checkpoints, data, evaluation, loading, lora, plots, ppo
 from sawyer.check import preflight
 from sawyer.presets import get_preset
 from sawyer.reward import summary_reward
@@ -159,7 +159,7 @@ print(before[:3])
 state = ppo.setup(policy, tokenizer, dataclasses.replace(cfg.ppo, seed=seed), run_dir=out)
 history = []
 for step in range(cfg.steps):
-    prompts = ppo.prompt_batch(train_prompts, step, cfg.ppo.batch_size, seed)
+    prompts = checkpoints.prompt_batch(train_prompts, step, cfg.ppo.batch_size, seed)
     batch = ppo.rollout(state, prompts)                # 1. sample summaries (+ log-probs, reference, values)
     scores = ppo.score(state, batch, reward_fn)        # 2. the classifiers' reward, on text
     stats = ppo.update(state, batch, scores)           # 3-6. KL penalty, GAE, clipped PPO update
@@ -169,7 +169,7 @@ for step in range(cfg.steps):
         print(f"step {step + 1}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f}")
         display(plots.training_curves(history, keys=("objective/score", "objective/kl"),
                                       path=out / "training_curves.png"))
-ppo.save_checkpoint(state, out / "checkpoint")
+checkpoints.save_checkpoint(state, out / "checkpoint")
 policy.save_pretrained(out / "adapter")
 
 # %% [markdown]

@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from IPython.display import clear_output, display
 
-from sawyer import chat, data, loading, plots, ppo, tokens
+from sawyer import chat, checkpoints, data, loading, plots, ppo, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
 from sawyer.reward import CrossEncoderReward
@@ -119,7 +119,7 @@ print(loading.memory_report())
 
 # %%
 if resume and (out / "checkpoint" / "trainer_state.json").exists():
-    ppo.load_checkpoint(state, out / "checkpoint")
+    checkpoints.load_checkpoint(state, out / "checkpoint")
     print(f"resumed at step {state.step}")
 else:
     (out / "ppo_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -146,7 +146,7 @@ history = [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().spli
     if (out / "ppo_log.jsonl").exists() else []
 samples = []
 for step in range(state.step, cfg.steps):
-    prompts = ppo.prompt_batch(train_prompts, step, state.config.batch_size, seed)
+    prompts = checkpoints.prompt_batch(train_prompts, step, state.config.batch_size, seed)
     batch = ppo.rollout(state, prompts)                # 1. sample answers, log-probs, reference, values
     scores = ppo.score(state, batch, reward_fn)        # 2. the reward model's score, on text
     stats = ppo.update(state, batch, scores)           # 3. KL-penalised rewards, GAE, clipped PPO update
@@ -155,7 +155,7 @@ for step in range(state.step, cfg.steps):
         samples += [{"step": state.step, "prompt": chat.question_from_prompt(p)[:60], "answer": r[:100],
                      "score": round(float(s), 2)} for p, r, s in zip(batch.prompts[:3], batch.responses, scores)]
     if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-        ppo.save_checkpoint(state, out / "checkpoint")
+        checkpoints.save_checkpoint(state, out / "checkpoint")
     if state.step % plot_every == 0 or state.step == cfg.steps:
         clear_output(wait=True)
         print(f"step {state.step}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f},"
