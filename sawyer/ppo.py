@@ -233,6 +233,31 @@ class AdaptiveKLController:
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
 
+@dataclass
+class RunningMoments:
+    """Running mean and (population) variance of every score seen so far, merged batch by batch.
+
+    Chan et al.'s parallel update, in float64 Python numbers so a resumed run continues bit-exactly.
+    ``std`` is the unbiased standard deviation (1.0 until two scores have been seen).
+    """
+
+    mean: float = 0.0
+    var: float = 0.0
+    count: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else 1.0
+
+
 class FixedKLController:
     """Beta stays at its initial value."""
 
@@ -261,10 +286,32 @@ class PPOState:
     ref_model: Any = None             # an explicit reference model
     run_dir: Path | None = None
     step: int = 0
+    score_stats: RunningMoments = field(default_factory=lambda: RunningMoments())  # for score_norm
+    scaler: Any = None                # torch.amp.GradScaler, enabled when the policy computes in fp16
 
     @property
     def device(self) -> torch.device:
         return self.value_head.weight.device
+
+
+def training_state(state: PPOState) -> dict:
+    """Everything a bit-exact resume needs besides adapter weights, value head and optimiser (JSON-safe).
+
+    The step, the KL coefficient, the running score statistics and the fp16 loss scale. A checkpoint stores
+    this dict; ``restore_training_state`` puts it back.
+    """
+    return {"step": state.step, "kl_coef": state.kl_ctl.value, "score_stats": dataclasses.asdict(state.score_stats),
+            "grad_scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled()
+            else {}}
+
+
+def restore_training_state(state: PPOState, d: dict) -> PPOState:
+    """Put back what ``training_state`` returned (into a state built by ``setup`` with the same config)."""
+    state.step, state.kl_ctl.value = int(d["step"]), float(d["kl_coef"])
+    state.score_stats = RunningMoments(**d.get("score_stats", {}))
+    if d.get("grad_scaler") and state.scaler is not None and state.scaler.is_enabled():
+        state.scaler.load_state_dict(d["grad_scaler"])
+    return state
 
 
 def add_frozen_reference_adapter(policy, adapter_path: str | Path, adapter_name: str = "reference") -> str:
@@ -296,6 +343,16 @@ def _one_code_path(model: nn.Module) -> None:
                 setattr(m, name, 0.0)
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
+
+
+def _computes_in_fp16(policy) -> bool:
+    """True when the policy's forward runs in fp16 (fp16 weights, or 4-bit with fp16 compute)."""
+    quant = getattr(policy.config, "quantization_config", None)
+    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if not isinstance(quant, dict) else \
+        quant.get("bnb_4bit_compute_dtype")
+    if compute is not None and (compute == torch.float16 or compute == "float16"):
+        return True
+    return policy.get_base_model().dtype == torch.float16
 
 
 def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None, ref_adapter: str | None = None,
@@ -364,10 +421,12 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     stops = tuple(dict.fromkeys([tokenizer.eos_token_id, *eos, *stop_token_ids]))
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # fp16 compute: loss scaling keeps small gradients from flushing to zero (the masters are fp32 above)
+    scaler = torch.amp.GradScaler(device.type, enabled=_computes_in_fp16(policy))
     return PPOState(policy=policy, tokenizer=tokenizer, value_head=value_head, optimizer=optimizer, kl_ctl=kl_ctl,
                     config=config, adapter=adapter, is_seq2seq=bool(policy.config.is_encoder_decoder),
                     stop_token_ids=stops, ref_adapter=ref_adapter, ref_model=ref_model,
-                    run_dir=None if run_dir is None else Path(run_dir))
+                    run_dir=None if run_dir is None else Path(run_dir), scaler=scaler)
 
 
 # ============================================================================ 1. rollout (+ 3. log-probs)
