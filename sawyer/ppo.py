@@ -3,21 +3,23 @@
 The classic recipe (Ziegler et al. 2019; Stiennon et al. 2020; Huang et al. 2024, "The N implementation
 details of RLHF with PPO"; PPO itself: Schulman et al. 2017). Notebook 04 runs the loop in the open::
 
-    state = ppo.setup(policy, tokenizer, PPOConfig(), run_dir=run_dir)   # policy: a PeftModel (LoRA)
+    state = ppo.setup(policy, tokenizer, PPOConfig(), ref_adapter=ref)  # policy: a PeftModel (LoRA)
     for prompts in batches:
         batch = ppo.rollout(state, prompts)          # 1. sample; 3. log-probs, reference log-probs, values
         scores = ppo.score(state, batch, reward_fn)  # 2. reward_fn(prompts, responses) -> Tensor[B]
-        stats = ppo.update(state, batch, scores)     # 4. KL penalty 5. GAE, whitening 6. clipped update 7. stats
+        stats = ppo.update(state, batch, scores)     # 4. shaped score + KL penalty 5. GAE 6. clipped update 7. stats
 
-``train(state, prompts, reward_fn, steps)`` is the same loop with a progress bar and checkpoints.
+Checkpoints and the ``train`` loop live in ``sawyer.checkpoints`` (they use ``training_state`` from here).
 
-Reference model: by default the policy with its LoRA adapter switched off (no second copy of the base).
+Reference model: the policy with its LoRA adapter switched off is the reference only for a *fresh* adapter.
 When PPO starts from an SFT adapter the reference must be that SFT model: load the SFT adapter a second
 time as a frozen adapter (``add_frozen_reference_adapter``) and pass ``ref_adapter=``; or pass ``ref_model=``.
+``setup`` refuses an SFT start without one (``base_reference=True`` overrides, if the base really is meant).
 
 Logged metrics (``update`` returns them; one JSON line per step in ``run_dir/ppo_log.jsonl``):
 
-- ``objective/score``: mean reward-model score of the batch (``objective/score_std``: its spread).
+- ``objective/score``: mean raw reward-model score of the batch (``objective/score_std``: its spread);
+  ``objective/shaped_score``: the mean score PPO optimised (normalised, clipped, truncation penalty).
 - ``objective/kl``: mean over responses of the summed per-token ``logp - ref_logp`` (nats per response).
 - ``objective/kl_coef``: beta used for this step's penalty.
 - ``objective/entropy``: mean over responses of the summed ``-logp`` of the sampled tokens (a sample estimate).
@@ -26,7 +28,8 @@ Logged metrics (``update`` returns them; one JSON line per step in ``run_dir/ppo
 - ``policy/first_minibatch_max_abs_logratio``: should be ~0: rollout and training pass agree.
 - ``loss/policy``, ``loss/value``: the clipped losses, averaged over minibatches. ``val/clipfrac``: value clips.
 - ``val/explained_variance``: 1 - Var(returns - values) / Var(returns); near 1 when the value head predicts well.
-- ``response/length``: mean response tokens (stop token included).
+- ``response/length``: mean response tokens (stop token included); ``response/truncated``: the fraction that
+  reached ``max_new_tokens`` without a stop token.
 - ``time/generate``, ``time/logprobs``, ``time/score``, ``time/train``: seconds spent in each part of the step.
 """
 from __future__ import annotations
@@ -34,13 +37,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
 import re
-import shutil
-import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +47,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
+                             gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
+                             policy_loss, shape_scores, value_loss)
 
 
 @dataclass
 class PPOConfig:
-    """PPO hyperparameters. Defaults are the SAWYER workshop's (Part 4 of DESIGN.md).
+    """PPO hyperparameters. Defaults are the SAWYER workshop's (Part 4 of DESIGN.md) plus the score shaping below.
 
     learning_rate: Adam step size for LoRA + value head. 1.41e-5 in the workshop; LoRA tolerates 1e-5 to 1e-4.
     batch_size: prompts per PPO step (rollout size). Typically 8 to 64.
@@ -62,23 +63,41 @@ class PPOConfig:
     gradient_accumulation_steps: minibatches whose gradients add up before one optimiser step.
     ppo_epochs: passes over each rollout. 2 in the workshop, 4 in TRL's classic default; more reuses data
         harder and drifts further from the sampling policy (watch ``policy/clipfrac``).
-    kl_coef: initial beta of the per-token penalty ``-beta * (logp - ref_logp)``. 0.2 in the workshop.
-    adaptive_kl: adapt beta towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed.
+    kl_coef: initial beta of the per-token penalty ``-beta * (logp - ref_logp)``. 0.2 in the workshop; 0.01-0.2
+        is typical for unit-scale scores (the paper's rewards were normalised, as ``score_norm`` does here).
+    adaptive_kl: adapt beta towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed. Honest
+        caveat: beta moves by at most a factor ``1 +/- 0.2 * batch_size / kl_horizon`` per step, i.e. 0.016%
+        at batch 8; over the original's 450 steps that is 0.186-0.215 from 0.2. At workshop scale it is
+        effectively a fixed beta with a slow drift; it steers only over ~10^4-10^5 samples.
     kl_target: the KL (nats per sequence) the adaptive controller aims for. 6 in the workshop.
-    kl_horizon: how many samples it takes the controller to move beta by its proportional error. 10000.
+    kl_horizon: samples over which the controller moves beta by its (clipped) proportional error. 10000.
     gamma: discount. 1.0: a response is one episode and only its end is rewarded.
     lam: GAE lambda. 0.95 trades variance (1.0) for bias (0.0).
     cliprange: PPO's epsilon for the probability ratio. Usually 0.1 to 0.3.
-    cliprange_value: the same clip for the value function's update.
+    cliprange_value: the same clip for the value function's update: a value moves at most this far per rollout.
     vf_coef: weight of the value loss in the total loss. 0.1.
     max_grad_norm: gradient clipping threshold (None: off).
     temperature: sampling temperature; the training pass divides logits by the same value, so the
         log-probs it computes are the ones of the distribution that sampled.
-    min_new_tokens / max_new_tokens: response length range at rollout (the original sampled 128-256).
+    min_new_tokens / max_new_tokens: response length range at rollout. Keep the minimum small (stop tokens are
+        banned that long, forcing text the model would have ended); the original's maximum was 128-256.
     logprob_chunk_size: samples per chunk when gathering log-probs, so the full-vocabulary fp32
         log-softmax never exists for the whole batch at once.
     gradient_checkpointing: recompute activations in the training pass (memory for compute).
     whiten_rewards: whiten the per-token rewards before GAE (off in the classic recipe).
+    score_norm: "norm" (default): ``(score - running mean) / running std`` over every score seen so far
+        (TRL's ``use_score_norm``); "scale": divide by the running std only; "none": raw scores. Why on by default:
+        raw reward-model logits (~5.7 in the original, spread ~3.5) sit far from the value head's initial 0, and
+        with ``cliprange_value`` 0.2 per rollout the value head needs ~30 steps to reach them, so explained
+        variance stays ~0 for a short run. Unit-scale scores start where the head starts (so its zero bias is the
+        right initial bias) and give beta the scale it was tuned for (Ziegler et al. normalise the reward model
+        to mean 0, std 1 with a fixed gain and bias; we use running statistics, which need no extra pass).
+    score_clip: clip the shaped score to ``+/- score_clip`` (None: off). 3.0 trims only outliers of unit-scale
+        scores (TRL's ``score_clip``; Huang et al.'s reward clipping).
+    truncation_penalty: subtracted from the shaped score of a response that reached ``max_new_tokens`` without a
+        stop token, in shaped-score units (1.0 = one standard deviation with ``score_norm="norm"``; 0: off).
+        Huang et al.'s "EOS trick" replaces such scores by a constant -1; a penalty keeps the reward model's
+        ordering. It counters the reward model's length bias: rambling until cut off must not pay.
     seed: seeds sampling, minibatch order and the value head's initialisation.
     """
 
@@ -103,190 +122,61 @@ class PPOConfig:
     logprob_chunk_size: int = 4
     gradient_checkpointing: bool = True
     whiten_rewards: bool = False
+    score_norm: str = "norm"
+    score_clip: float | None = 3.0
+    truncation_penalty: float = 1.0
     seed: int = 0
 
+    def __post_init__(self):
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
 
-# ============================================================================ the math (pure functions)
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the entries where ``mask`` is 1."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+        def real(name: str) -> float:
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 name, "a finite number")
+            return value
 
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "kl_horizon",
+                     "max_new_tokens", "logprob_chunk_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+             "min_new_tokens", f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
+        need(self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps) == 0, "batch_size",
+             f"a multiple of mini_batch_size x gradient_accumulation_steps ({self.mini_batch_size} x "
+             f"{self.gradient_accumulation_steps})")
+        for name in ("learning_rate", "kl_target", "cliprange", "cliprange_value", "temperature"):
+            need(real(name) > 0, name, "> 0")
+        for name in ("kl_coef", "vf_coef", "truncation_penalty"):
+            need(real(name) >= 0, name, ">= 0")
+        for name in ("gamma", "lam"):
+            need(0 <= real(name) <= 1, name, "in [0, 1]")
+        for name in ("max_grad_norm", "score_clip"):
+            need(getattr(self, name) is None or real(name) > 0, name, "None or > 0")
+        need(self.score_norm in ("norm", "scale", "none"), "score_norm", 'one of "norm", "scale", "none"')
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of ``x`` over the masked entries."""
-    n = mask.sum()
-    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-    return var * n / (n - 1) if n > 1 else var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise the masked entries of ``x`` to unit variance (and zero mean unless ``shift_mean=False``).
-
-    Whitened advantages make the policy step size independent of the reward's scale (Huang et al., detail 6).
-    Masked entries come back as 0.
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    white = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        white = white + mean
-    return white * mask
-
-
-def kl_penalty_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                       mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards ``-kl_coef * (logp - ref_logp)``, plus the score on each response's last token.
-
-    The penalty is a per-token sample of KL(policy || reference) (Ziegler et al. 2019, eq. 2); it stops the
-    policy from drifting into text the reward model over-rates. Shapes: score (B,), the rest (B, T).
-    """
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask                       # (B, T)
-    last = mask.sum(1).long().clamp(min=1) - 1                                   # (B,) index of the last token
-    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens (Schulman et al. 2016).
-
-    ``A_t = delta_t + gamma * lam * A_{t+1}`` with ``delta_t = r_t + gamma * V_{t+1} - V_t``; after the last
-    response token the value is 0 (the episode ended). Returns ``(advantages, returns)``, each (B, T), where
-    ``returns = advantages + values`` is the value head's regression target.
-    """
-    rewards, values = rewards * mask, values * mask                              # (B, T)
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])                                   # (B,)
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
-
-    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``: the policy gains nothing by moving a token's
-    probability further than ``1 +/- eps`` from the rollout's. Returns the loss and ``clipfrac``/``approx_kl``.
-    """
-    log_ratio = (logprobs - old_logprobs) * mask                                 # (B, T)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "approx_kl": (0.5 * masked_mean(log_ratio ** 2, mask)).item()}
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, float]:
-    """Clipped value loss ``0.5 * max((V - R)^2, (V_clip - R)^2)``, ``V_clip`` within eps of the rollout's value.
-
-    The clip mirrors the policy's (Huang et al., detail "value function loss clipping"). Returns loss, clipfrac.
-    """
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)   # (B, T)
-    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
-    return loss, masked_mean((loss_clipped > loss_unclipped).float(), mask).item()
-
-
-def _chunk_logprobs(logits, labels, temperature, suppress_ids, suppress_until):
-    x = logits.float() / temperature                                             # (b, T, V) fp32, one chunk
-    if suppress_ids and suppress_until > 0:  # what generate's min_new_tokens did to the stop tokens
-        x[:, :suppress_until, list(suppress_ids)] = torch.finfo(x.dtype).min
-    return torch.log_softmax(x, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)   # (b, T)
-
-
-def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4, *, temperature: float = 1.0,
-                    suppress_ids: tuple[int, ...] = (), suppress_until: int = 0) -> torch.Tensor:
-    """Log-probabilities of ``labels`` (B, T) under ``logits / temperature`` (B, T, V), in fp32.
-
-    The fp32 log-softmax over the vocabulary is the largest tensor of a PPO step (8 x 256 x 128k x 4 bytes =
-    1 GiB for Llama-3), so it is built ``chunk_size`` samples at a time; with gradients on, each chunk is
-    recomputed in the backward pass (activation checkpointing) instead of being kept. ``suppress_ids`` are
-    banned in the first ``suppress_until`` positions, exactly as ``generate(min_new_tokens=...)`` bans them.
-    """
-    out = []
-    for i in range(0, logits.shape[0], chunk_size):
-        args = (logits[i:i + chunk_size], labels[i:i + chunk_size], temperature, tuple(suppress_ids), suppress_until)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*args))
-    return torch.cat(out)                                                        # (B, T)
-
-
-class AdaptiveKLController:
-    """Beta moves towards the KL target: ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``.
-
-    Ziegler et al. 2019, section 2.2. Too little KL lowers beta (explore more), too much raises it.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + proportional_error * n_steps / self.horizon
-
-
-@dataclass
-class RunningMoments:
-    """Running mean and (population) variance of every score seen so far, merged batch by batch.
-
-    Chan et al.'s parallel update, in float64 Python numbers so a resumed run continues bit-exactly.
-    ``std`` is the unbiased standard deviation (1.0 until two scores have been seen).
-    """
-
-    mean: float = 0.0
-    var: float = 0.0
-    count: int = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double().flatten()
-        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item()
-        total = self.count + n
-        delta = mean - self.mean
-        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
-        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else 1.0
-
-
-class FixedKLController:
-    """Beta stays at its initial value."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
 
 
 # ============================================================================ state and set-up
 @dataclass
 class PPOState:
-    """Everything a PPO run carries between steps (what ``save_checkpoint`` writes, plus the models)."""
+    """Everything a PPO run carries between steps: the models, the optimiser and ``training_state``."""
 
     policy: Any                       # a peft PeftModel; only its trainable LoRA adapter changes
     tokenizer: Any
     value_head: nn.Linear             # hidden state -> value, fp32
-    optimizer: torch.optim.Optimizer  # LoRA + value-head parameters only
+    optimizer: torch.optim.Optimizer  # LoRA + value-head parameters only (fp32 masters)
     kl_ctl: AdaptiveKLController | FixedKLController
     config: PPOConfig
     adapter: str                      # name of the trainable adapter
     is_seq2seq: bool
-    stop_token_ids: tuple[int, ...]   # EOS and any extra stop tokens (e.g. ###STOP###)
+    stop_token_ids: tuple[int, ...]   # EOS and any extra stop tokens (e.g. ###STOP###, ###HUMAN###)
     ref_adapter: str | None = None    # a frozen second adapter used as reference (e.g. the SFT adapter)
     ref_model: Any = None             # an explicit reference model
     run_dir: Path | None = None
     step: int = 0
-    score_stats: RunningMoments = field(default_factory=lambda: RunningMoments())  # for score_norm
+    score_stats: RunningMoments = field(default_factory=RunningMoments)  # for score_norm
     scaler: Any = None                # torch.amp.GradScaler, enabled when the policy computes in fp16
 
     @property
@@ -314,15 +204,19 @@ def restore_training_state(state: PPOState, d: dict) -> PPOState:
     return state
 
 
+def _of_adapter(name: str, adapter: str) -> bool:
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
 def add_frozen_reference_adapter(policy, adapter_path: str | Path, adapter_name: str = "reference") -> str:
     """Load an adapter (e.g. the SFT adapter) into ``policy`` a second time, frozen, as the PPO reference.
 
-    Both adapters share the one copy of the (4-bit) base weights. The trainable adapter stays active;
-    ``rollout`` switches to this one only for the reference pass. Pass the returned name as ``ref_adapter``.
+    Both adapters share the one copy of the (4-bit) base weights; the SFT marker rows come with it. The
+    trainable adapter stays active; ``rollout`` switches to this one only for the reference pass.
     """
     policy.load_adapter(str(adapter_path), adapter_name=adapter_name, is_trainable=False)
     for name, p in policy.named_parameters():
-        if f".{adapter_name}." in name:
+        if _of_adapter(name, adapter_name):
             p.requires_grad_(False)
     return adapter_name
 
@@ -348,23 +242,43 @@ def _one_code_path(model: nn.Module) -> None:
 def _computes_in_fp16(policy) -> bool:
     """True when the policy's forward runs in fp16 (fp16 weights, or 4-bit with fp16 compute)."""
     quant = getattr(policy.config, "quantization_config", None)
-    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if not isinstance(quant, dict) else \
-        quant.get("bnb_4bit_compute_dtype")
-    if compute is not None and (compute == torch.float16 or compute == "float16"):
-        return True
-    return policy.get_base_model().dtype == torch.float16
+    compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(
+        quant, "bnb_4bit_compute_dtype", None)
+    return compute in (torch.float16, "float16") or policy.get_base_model().dtype == torch.float16
+
+
+def _sft_start(policy, adapter: str) -> str | None:
+    """Why disabling ``adapter`` would not give the starting model (marker rows, trained LoRA), or None."""
+    if getattr(policy.peft_config[adapter], "trainable_token_indices", None):
+        return "it carries trainable token rows (the SFT markers), which disabling the adapter reverts"
+    if any(p.abs().max() > 0 for n, p in policy.named_parameters() if ".lora_B." in n and _of_adapter(n, adapter)):
+        return "its LoRA weights are already trained (lora_B is not zero), so it is not a fresh adapter"
+    return None
+
+
+def _freeze_outside_optimizer(state: PPOState) -> None:
+    """Nothing but the optimiser's parameters may require or hold a gradient (PEFT's ``set_adapter`` and
+    ``enable_adapters`` switch ``requires_grad`` back on for trainable-token rows, vocab x hidden each)."""
+    trainable = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
+    for p in state.policy.parameters():
+        if id(p) not in trainable and (p.requires_grad or p.grad is not None):
+            p.requires_grad_(False)
+            p.grad = None
 
 
 def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None, ref_adapter: str | None = None,
-          run_dir: str | Path | None = None, stop_token_ids: tuple[int, ...] | list[int] = ()) -> PPOState:
-    """Check the policy, attach a value head and build the optimiser.
+          base_reference: bool = False, run_dir: str | Path | None = None,
+          stop_token_ids: tuple[int, ...] | list[int] = ()) -> PPOState:
+    """Check the policy, attach a value head and build the optimiser (and, for fp16, the loss scaler).
 
     ``policy``: a ``peft.PeftModel`` whose active adapter is trainable LoRA (for 4-bit, call
     ``loading.prepare_for_training`` before attaching LoRA). Everything that is not that adapter's LoRA is
-    frozen here. Reference: ``None`` -> the policy with its adapter disabled; ``ref_adapter`` -> a frozen adapter
-    in the same PeftModel; ``ref_model`` -> an explicit model sharing the tokenizer. ``stop_token_ids`` end a
-    response in addition to EOS. Dropout is switched off in the policy (see ``_one_code_path``), and python,
-    numpy and torch are seeded with ``config.seed``.
+    frozen here; LoRA weights are kept in fp32 (master weights) whatever the policy computes in.
+    Reference: ``ref_adapter`` -> a frozen adapter in the same PeftModel; ``ref_model`` -> an explicit model
+    sharing the tokenizer; neither -> the policy with its adapter disabled, allowed only for a fresh adapter
+    (or with ``base_reference=True``). ``stop_token_ids`` end a response in addition to EOS (pass
+    ``chat.stop_token_ids(tokenizer)``: every marker that begins a new turn). Dropout is switched off in the
+    policy (see ``_one_code_path``), and python, numpy and torch are seeded with ``config.seed``.
     """
     from peft import PeftModel
     from transformers import set_seed
@@ -374,19 +288,19 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
         raise TypeError(f"setup() needs a peft.PeftModel (LoRA attached), got {type(policy).__name__}; "
                         "wrap it with peft.get_peft_model(model, LoraConfig(...)) or load an SFT adapter with "
                         "PeftModel.from_pretrained(model, path, is_trainable=True)")
-    if config.batch_size % (config.mini_batch_size * config.gradient_accumulation_steps):
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size x gradient_"
-                         f"accumulation_steps ({config.mini_batch_size} x {config.gradient_accumulation_steps})")
-    if config.max_new_tokens < max(1, config.min_new_tokens) or config.temperature <= 0:
-        raise ValueError(f"need 1 <= min/max_new_tokens ordered and temperature > 0; got {config.min_new_tokens}, "
-                         f"{config.max_new_tokens}, {config.temperature}")
     adapter = policy.active_adapter
     if ref_adapter is not None and (ref_adapter == adapter or ref_adapter not in policy.peft_config):
         raise ValueError(f"ref_adapter={ref_adapter!r} must name a second adapter of the policy (it has "
                          f"{list(policy.peft_config)}, trainable: {adapter!r}); see add_frozen_reference_adapter")
+    why = None if ref_model is not None or ref_adapter is not None or base_reference else _sft_start(policy, adapter)
+    if why:
+        raise ValueError(f"no reference given and the policy's adapter {adapter!r} is an SFT start: {why}. With the "
+                         "adapter disabled the reference would be the base model, not the SFT model (step-0 KL of "
+                         "several nats instead of 0). Pass ref_adapter=ppo.add_frozen_reference_adapter(policy, "
+                         "sft_adapter_folder) or ref_model=..., or base_reference=True if the base is meant")
     set_seed(config.seed)
 
-    # only the trainable adapter's LoRA weights train; everything else (base, reference adapter) is frozen
+    # only the trainable adapter's LoRA weights train, in fp32; everything else (base, reference) is frozen
     own_lora = re.compile(rf"\.lora_\w+\.{re.escape(adapter)}(\.|$)")
     lora = [p for n, p in policy.named_parameters() if own_lora.search(n) and p.requires_grad]
     if not lora:
@@ -395,6 +309,8 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     for name, p in policy.named_parameters():
         if p.requires_grad and not own_lora.search(name):
             p.requires_grad_(False)
+    for p in lora:
+        p.data = p.data.float()
     _one_code_path(policy)
     base = policy.get_base_model()
     if config.gradient_checkpointing and base.supports_gradient_checkpointing:
@@ -403,7 +319,7 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
         _one_code_path(ref_model.eval())
 
     # value head on the last hidden state (the decoder's for seq2seq), fp32. A seeded, small normal init
-    # (std 0.01 / sqrt(d)) starts the values near 0, so the first advantages are the rewards, not head noise.
+    # (std 0.01 / sqrt(d)) and a zero bias start the values near 0: the mean of normalised scores (score_norm).
     hidden = policy.config.get_text_config().hidden_size
     device = next(policy.parameters()).device
     value_head = nn.Linear(hidden, 1, dtype=torch.float32)
@@ -421,7 +337,7 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     stops = tuple(dict.fromkeys([tokenizer.eos_token_id, *eos, *stop_token_ids]))
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    # fp16 compute: loss scaling keeps small gradients from flushing to zero (the masters are fp32 above)
+    # fp16 compute: loss scaling keeps small gradients from flushing to zero (torch.amp; fp32 masters above)
     scaler = torch.amp.GradScaler(device.type, enabled=_computes_in_fp16(policy))
     return PPOState(policy=policy, tokenizer=tokenizer, value_head=value_head, optimizer=optimizer, kl_ctl=kl_ctl,
                     config=config, adapter=adapter, is_seq2seq=bool(policy.config.is_encoder_decoder),
@@ -443,6 +359,7 @@ class Rollout:
     logprobs: torch.Tensor            # (B, T) fp32, policy at rollout time
     ref_logprobs: torch.Tensor        # (B, T) fp32, reference
     values: torch.Tensor              # (B, T) fp32, value head
+    truncated: torch.Tensor           # (B,) bool: reached max_new_tokens without a stop token
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -495,15 +412,19 @@ def _forward(state: PPOState, model, prompt_ids, prompt_mask, response_ids, *, w
     """
     out = model(**_model_inputs(state, prompt_ids, prompt_mask, response_ids), output_hidden_states=with_values,
                 use_cache=False)
+    n = response_ids.shape[1] + (0 if state.is_seq2seq else 1)
+    if out.logits.shape[:2] != (response_ids.shape[0], n):  # e.g. a model that ignores logits_to_keep
+        raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)}; expected "
+                           f"({response_ids.shape[0]}, {n}, vocab): the positions that predict the response")
     logits = out.logits if state.is_seq2seq else out.logits[:, :-1]             # (b, T, V)
     cfg = state.config
     logprobs = gather_logprobs(logits, response_ids, cfg.logprob_chunk_size, temperature=cfg.temperature,
                                suppress_ids=state.stop_token_ids, suppress_until=cfg.min_new_tokens)
     if not with_values:
         return logprobs, None
-    if state.is_seq2seq:
+    if state.is_seq2seq:  # decoder state t has read [start] + response[:t]: it predicts token t
         hidden = out.decoder_hidden_states[-1]                                   # (b, T, H)
-    else:
+    else:  # state at prompt end + t - 1 has read the prompt and response[:t]: it predicts token t
         hidden = out.hidden_states[-1][:, prompt_ids.shape[1] - 1:-1]            # (b, T, H)
     return logprobs, state.value_head(hidden.float()).squeeze(-1)                # (b, T), (b, T)
 
@@ -513,15 +434,18 @@ def _reference(state: PPOState):
     """The reference model for one pass: explicit model, frozen reference adapter, or the adapter disabled."""
     if state.ref_model is not None:
         yield state.ref_model
-    elif state.ref_adapter is not None:
-        state.policy.set_adapter(state.ref_adapter, inference_mode=True)
-        try:
+        return
+    try:
+        if state.ref_adapter is not None:
+            state.policy.set_adapter(state.ref_adapter, inference_mode=True)
             yield state.policy
-        finally:  # switching back re-enables grads on the trainable adapter only
+        else:
+            with state.policy.disable_adapter():
+                yield state.policy
+    finally:  # switch back, and undo the requires_grad that PEFT turns on again
+        if state.ref_adapter is not None:
             state.policy.set_adapter(state.adapter)
-    else:
-        with state.policy.disable_adapter():
-            yield state.policy
+        _freeze_outside_optimizer(state)
 
 
 def _excerpt(text: str, n: int = 80) -> str:
@@ -547,6 +471,7 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
         i = int((enc["attention_mask"].sum(1) == 0).nonzero()[0])
         raise ValueError(f"prompt {i} ({_excerpt(prompts[i])}) has no tokens")
 
+    # 1. sample: one batched generate, stop tokens (EOS, markers) end a response
     t0 = time.perf_counter()
     policy.eval()
     sampling = dict(NEUTRAL_SAMPLING, temperature=cfg.temperature, min_new_tokens=cfg.min_new_tokens,
@@ -577,7 +502,7 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
     return Rollout(prompts=list(prompts), responses=responses, prompt_ids=enc["input_ids"],
                    prompt_mask=enc["attention_mask"], response_ids=response_ids, mask=mask,
                    logprobs=torch.cat(logprobs) * mask, ref_logprobs=torch.cat(ref_logprobs) * mask,
-                   values=torch.cat(values) * mask,
+                   values=torch.cat(values) * mask, truncated=~is_stop.any(1),
                    timings={"generate": t1 - t0, "logprobs": time.perf_counter() - t1})
 
 
@@ -616,23 +541,27 @@ def score(state: PPOState | None, batch: Rollout,
 
 # ============================================================================ 4-7. update
 def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, float]:
-    """One PPO step on a scored rollout: 4. KL penalty, 5. GAE + whitening, 6. clipped update, 7. stats.
+    """One PPO step on a scored rollout: 4. shaped score + KL penalty, 5. GAE + whitening, 6. clipped update,
+    7. stats and the KL controller.
 
-    The policy runs in train mode (so gradient checkpointing is active) with dropout off, which makes
-    the first minibatch's ratio exactly 1. Appends the stats to ``run_dir/ppo_log.jsonl`` and returns them.
+    The policy runs in train mode (so gradient checkpointing is active) with dropout off, which makes the first
+    minibatch's ratio exactly 1. With an fp16 policy the loss is scaled (``state.scaler``) and the gradients
+    unscaled into the fp32 masters before clipping. Appends the stats to ``run_dir/ppo_log.jsonl``.
     """
-    cfg, device = state.config, state.device
+    cfg, device, scaler = state.config, state.device, state.scaler
     n = len(batch)
     if n % (cfg.mini_batch_size * cfg.gradient_accumulation_steps):
         raise ValueError(f"update(): {n} samples is not a multiple of mini_batch_size x gradient_accumulation_steps "
                          f"({cfg.mini_batch_size} x {cfg.gradient_accumulation_steps})")
-    scores = _check_scores(scores, batch).to(device)
+    scores = _check_scores(scores, batch).to(device)                            # (B,) raw
     t0 = time.perf_counter()
     mask, old_logprobs, old_values = batch.mask, batch.logprobs, batch.values    # (B, T)
 
-    # 4. KL penalty: per-token -beta * (logp - ref_logp), score added on the last token
+    # 4. shaped score (running normalisation, clip, truncation penalty); per-token -beta * (logp - ref_logp)
+    shaped = shape_scores(scores, state.score_stats, batch.truncated.to(device), norm=cfg.score_norm,
+                          clip=cfg.score_clip, truncation_penalty=cfg.truncation_penalty)   # (B,)
     kl_coef = state.kl_ctl.value
-    rewards = kl_penalty_rewards(scores, old_logprobs, batch.ref_logprobs, mask, kl_coef)
+    rewards = kl_penalty_rewards(shaped, old_logprobs, batch.ref_logprobs, mask, kl_coef)   # (B, T)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
 
@@ -640,9 +569,10 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask)
 
-    # 6. clipped update: ppo_epochs x minibatches, gradient accumulation, clipping
+    # 6. clipped update: ppo_epochs x minibatches, gradient accumulation, (fp16: scaled loss), clipping
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     order_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)  # reproducible on resume
+    _freeze_outside_optimizer(state)
     state.policy.train()
     state.optimizer.zero_grad(set_to_none=True)
     logs: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approx_kl": [], "vf_clipfrac": []}
@@ -658,11 +588,13 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
                 first_logratio = ((logprobs - old_logprobs[idx]).abs() * m).max().item()
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
             vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
-            ((pg_loss + cfg.vf_coef * vf_loss) / cfg.gradient_accumulation_steps).backward()
+            scaler.scale((pg_loss + cfg.vf_coef * vf_loss) / cfg.gradient_accumulation_steps).backward()
             if (k + 1) % cfg.gradient_accumulation_steps == 0:
+                scaler.unscale_(state.optimizer)                                 # fp16: back to true gradients
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                state.optimizer.step()
+                scaler.step(state.optimizer)                                     # skipped if a gradient is inf
+                scaler.update()
                 state.optimizer.zero_grad(set_to_none=True)
             for key, value in (("pg", pg_loss.item()), ("vf", vf_loss.item()), ("clipfrac", pg_stats["clipfrac"]),
                                ("approx_kl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_clipfrac)):
@@ -678,6 +610,7 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
         "step": state.step,
         "objective/score": scores.mean().item(),
         "objective/score_std": scores.std().item() if n > 1 else 0.0,
+        "objective/shaped_score": shaped.mean().item(),
         "objective/kl": kl.mean().item(),
         "objective/kl_coef": kl_coef,
         "objective/entropy": (-old_logprobs * mask).sum(1).mean().item(),
@@ -689,6 +622,7 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
         "val/clipfrac": float(np.mean(logs["vf_clipfrac"])),
         "val/explained_variance": explained.item(),
         "response/length": mask.sum(1).mean().item(),
+        "response/truncated": batch.truncated.float().mean().item(),
         "time/generate": batch.timings.get("generate", 0.0),
         "time/logprobs": batch.timings.get("logprobs", 0.0),
         "time/score": batch.timings.get("score", 0.0),

@@ -223,7 +223,7 @@ def test_first_minibatch_ratio_is_one(kind):
     perturb_lora(policy)
     cfg = PPOConfig(learning_rate=1e-3, temperature=0.7, min_new_tokens=2, max_new_tokens=10, mini_batch_size=4,
                     logprob_chunk_size=3, gradient_checkpointing=True)
-    state = ppo.setup(policy, tok, cfg)
+    state = ppo.setup(policy, tok, cfg, base_reference=True)
     assert policy.get_base_model().is_activation_checkpointing
     batch = ppo.rollout(state, prompts_for(kind, 8))
     # the rollout's chunked log-probs equal a plain full log-softmax of the same model (min_new_tokens aside:
@@ -239,7 +239,9 @@ def test_first_minibatch_ratio_is_one(kind):
 def test_reference_is_base_model_with_adapter_disabled_or_explicit():
     policy, tok = make_policy("llama")
     perturb_lora(policy)
-    state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=8))
+    with pytest.raises(ValueError, match="SFT start.*lora_B is not zero.*base_reference=True"):
+        ppo.setup(policy, tok, PPOConfig(max_new_tokens=8))  # a trained adapter: disabling it is not the start
+    state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=8), base_reference=True)
     batch = ppo.rollout(state, prompts_for("llama", 8))
     base = loading.load_causal_lm("tiny:llama").eval()
     torch.testing.assert_close(batch.ref_logprobs, plain_logprobs(base, batch), atol=1e-5, rtol=0)
