@@ -113,8 +113,12 @@ def effect_size(a, b, paired: bool = True) -> dict:
     """How big the change is, in units of spread (p-values only say whether it is there).
 
     ``cohens_d``: paired, Cohen's d_z = mean(b - a) / std(b - a); unpaired, (mean(b) - mean(a)) / pooled sd.
-    Rough reading: 0.2 small, 0.5 medium, 0.8 large. ``rank_biserial`` = 1 - 2U/(n_a n_b) from Mann-Whitney's
-    U: P(after > before) - P(after < before) for a random pair, in [-1, 1], robust to outliers.
+    Rough reading: 0.2 small, 0.5 medium, 0.8 large. Beware d_z on paired data: when every prompt moves by
+    the same tiny amount, std(b - a) is tiny too and d_z is huge for a change nobody would notice.
+    ``d_av`` = mean(b - a) / sqrt((var(a) + var(b)) / 2) measures the shift against the spread of the rewards
+    themselves across prompts (Cumming 2012's d_av), which is what "is this a big change?" means; the verdict
+    of ``describe_change`` uses it. ``rank_biserial`` = 1 - 2U/(n_a n_b) from Mann-Whitney's U:
+    P(after > before) - P(after < before) for a random pair, in [-1, 1], robust to outliers.
     """
     if paired:
         a, b = _paired(a, b)
@@ -126,8 +130,11 @@ def effect_size(a, b, paired: bool = True) -> dict:
         dof = a.size + b.size - 2
         pooled = np.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / dof) if dof > 0 else 0
         cohen = (b.mean() - a.mean()) / pooled if pooled > 0 else float("nan")
+    spread = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if min(a.size, b.size) > 1 else 0.0
+    diff = b.mean() - a.mean()
+    d_av = diff / spread if spread > 0 else (0.0 if diff == 0 else float("inf") * np.sign(diff))
     u = mann_whitney(a, b)["U"]
-    return {"cohens_d": float(cohen), "rank_biserial": float(1.0 - 2.0 * u / (a.size * b.size)),
+    return {"cohens_d": float(cohen), "d_av": float(d_av), "rank_biserial": float(1.0 - 2.0 * u / (a.size * b.size)),
             "kind": "d_z (paired)" if paired else "d (pooled sd)"}
 
 
@@ -147,21 +154,65 @@ def compare(before, after, paired: bool = True, *, n_resamples: int = 10000, con
     return out
 
 
-def describe_change(name: str, result: dict, alpha: float = 0.05) -> str:
-    """One plain-English sentence generated from ``compare``'s numbers, e.g.
+#: |d_av| below which a change is "negligible", and the small / medium / large cut-offs (Cohen 1988).
+NEGLIGIBLE, MEDIUM, LARGE = 0.2, 0.5, 0.8
 
-    "Mean reward rose from 5.70 to 6.92 (+1.22, 95% CI [0.8, 1.6]); Wilcoxon p = 2.2e-05: a significant shift."
+
+def verdict(result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE, min_effect: float | None = None) -> dict:
+    """Weigh the p-value, the interval and the effect size into one verdict (``label`` plus a ``reason``).
+
+    - p >= ``alpha``: **"no detectable change"** (the interval says how large a change the data cannot rule out);
+    - p < ``alpha`` but the shift is under ``negligible`` of the rewards' spread across prompts (|d_av|), or
+      the whole interval lies inside +-``min_effect`` (a smallest change that matters, in the metric's own
+      units, when you have one): **"statistically detectable but negligible"**. With many prompts, or a
+      policy that moves every answer by the same hair, a tiny p comes with a shift nobody would notice;
+    - otherwise **"a small / medium / large shift"** by |d_av| (0.2 / 0.5 / 0.8), up or down.
+    """
+    test, p = _main_test(result)
+    boot, d_av = result["bootstrap"], result["effect_size"]["d_av"]
+    inside = min_effect is not None and -min_effect < boot["ci_low"] and boot["ci_high"] < min_effect
+    direction = "up" if boot["diff"] > 0 else "down"
+    if p >= alpha:
+        label, reason = "no detectable change", f"{test} p = {p:.2g} >= {alpha:g}"
+    elif abs(d_av) < negligible or inside:
+        label = "statistically detectable but negligible"
+        reason = (f"{test} p = {p:.2g}, but the shift is {abs(d_av):.2f} of the spread across prompts (|d_av| < "
+                  f"{negligible:g})" if not inside else
+                  f"{test} p = {p:.2g}, but the whole interval lies within +-{min_effect:g}")
+    else:
+        size = "large" if abs(d_av) >= LARGE else "medium" if abs(d_av) >= MEDIUM else "small"
+        label, reason = f"a {size} shift {direction}", f"{test} p = {p:.2g}, d_av = {d_av:+.2f}"
+    return {"label": label, "reason": reason, "p": p, "test": test, "d_av": d_av}
+
+
+def _main_test(result: dict) -> tuple[str, float]:
+    if result.get("paired") and "wilcoxon" in result:
+        return "Wilcoxon", result["wilcoxon"]["p"]
+    return "Mann-Whitney", result["mann_whitney"]["p"]
+
+
+def _num(x: float, scale: float) -> str:
+    """``x`` with enough decimals to be non-zero at the size of ``scale`` (2 decimals, more for tiny shifts)."""
+    decimals = 2 if scale == 0 or abs(scale) >= 0.005 else min(8, 1 - int(np.floor(np.log10(abs(scale)))))
+    return f"{x:.{decimals}f}"
+
+
+def describe_change(name: str, result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE,
+                    min_effect: float | None = None) -> str:
+    """One plain-English sentence generated from ``compare``'s numbers and ``verdict``, e.g.
+
+    "Mean reward rose from 5.70 to 6.92 (+1.22, 95% CI [0.80, 1.60]); Wilcoxon p = 2.2e-05, d_av = +0.43:
+    a small shift up."  A shift too small for 2 decimals is printed with more ("+0.0031, CI [0.0012, 0.0050]").
     """
     before, after, boot = result["before"]["mean"], result["after"]["mean"], result["bootstrap"]
     diff = boot["diff"]
     verb = "rose" if diff > 0 else "fell" if diff < 0 else "stayed"
-    test, p = (("Wilcoxon", result["wilcoxon"]["p"]) if result.get("paired") and "wilcoxon" in result
-               else ("Mann-Whitney", result["mann_whitney"]["p"]))
-    verdict = (f"a significant shift (p < {alpha:g})" if p < alpha
-               else f"not significant at {alpha:g}, so the change may be chance")
-    return (f"Mean {name} {verb} from {before:.2f} to {after:.2f} ({diff:+.2f}, "
-            f"{boot['confidence']:.0%} CI [{boot['ci_low']:.2f}, {boot['ci_high']:.2f}]); "
-            f"{test} p = {p:.2g}: {verdict}.")
+    scale = max(abs(diff), abs(boot["ci_high"] - boot["ci_low"]) / 2)
+    v = verdict(result, alpha, negligible, min_effect)
+    fmt = (lambda x: _num(x, scale))  # noqa: E731
+    return (f"Mean {name} {verb} from {fmt(before)} to {fmt(after)} ({'+' if diff >= 0 else '-'}{fmt(abs(diff))}, "
+            f"{boot['confidence']:.0%} CI [{fmt(boot['ci_low'])}, {fmt(boot['ci_high'])}]); "
+            f"{v['reason']}: {v['label']}.")
 
 
 def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -177,6 +228,66 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
     center = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return float(max(0.0, center - half)), float(min(1.0, center + half))
+
+
+def truncated_mask(tokenizer, questions: list[str], answers: list[str], max_length: int) -> list[bool]:
+    """True for each (question, answer) whose cross-encoder encoding is longer than ``max_length`` tokens.
+
+    Such an answer is scored on a cut-off text (``sawyer.reward`` truncates the answer, never the question),
+    so its reward says nothing about its full length: a length-bias check must mark or drop it.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"truncated_mask: {len(questions)} questions for {len(answers)} answers")
+    enc = tokenizer(list(questions), list(answers), truncation=False, verbose=False)  # verbose: no length warning
+    return [len(ids) > max_length for ids in enc["input_ids"]]
+
+
+def length_bias_check(rewards, lengths, truncated=None, confidence: float = 0.95, unit: str = "words") -> dict:
+    """Does the reward grow with answer length? Spearman's rho with its confidence interval, truncated answers out.
+
+    ``truncated`` (one bool per answer, from ``truncated_mask``) marks answers the reward model saw cut off;
+    they are dropped from ``spearman_rho`` (``rho_with_truncated`` keeps them, for comparison): a cut answer
+    scores like a shorter one, which hides a length preference. The interval is Fisher's z with the
+    Bonett & Wright (2000) standard error sqrt((1 + rho^2 / 2) / (n - 3)). ``verdict`` reads rho >= 0.3 as
+    a real length preference and says so when the interval cannot rule one out. Length in ``unit``.
+    """
+    r, n = _array(rewards, "rewards"), _array(lengths, "lengths")
+    cut = np.zeros(r.size, bool) if truncated is None else np.asarray(truncated, dtype=bool).ravel()
+    if not r.size == n.size == cut.size:
+        raise ValueError(f"length_bias_check: {r.size} rewards, {n.size} lengths, {cut.size} truncation flags")
+    keep = ~cut
+    if keep.sum() < 4:
+        raise ValueError(f"length_bias_check needs >= 4 untruncated answers, got {int(keep.sum())} of {r.size}")
+    res = stats.spearmanr(n[keep], r[keep])
+    rho, p, k = float(res.statistic), float(res.pvalue), int(keep.sum())
+    half = stats.norm.ppf(0.5 + confidence / 2) * np.sqrt((1 + rho ** 2 / 2) / max(1, k - 3))
+    lo, hi = (float(np.tanh(np.arctanh(np.clip(rho, -0.999999, 0.999999)) + s * half)) for s in (-1, 1))
+    ci = f"rho = {rho:.2f}, {confidence:.0%} CI [{lo:.2f}, {hi:.2f}], on {k} answers"
+    if p < 0.05 and rho >= 0.3:
+        verdict = f"the reward model pays for length ({ci}): expect PPO to lengthen answers"
+    elif p < 0.05 and rho > 0:
+        verdict = f"a weak but real preference for longer answers ({ci})"
+    elif hi >= 0.3:
+        verdict = f"no clear length preference, but the interval cannot rule out a moderate one ({ci})"
+    else:
+        verdict = f"no length preference ({ci})"
+    return {"n": k, "n_truncated": int(cut.sum()), "spearman_rho": rho, "ci_low": lo, "ci_high": hi,
+            "spearman_p": p, "rho_with_truncated": float(stats.spearmanr(n, r).statistic),
+            "confidence": confidence, "unit": unit, "verdict": verdict}
+
+
+#: The banner every notebook shows on the ``tiny`` preset (``banner``).
+TINY_BANNER = (
+    "> **`tiny` preset: the text below is meaningless.** The models are tiny stand-ins of the real architectures,"
+    " built offline and trained for seconds: they write word salad, and every number only shows that the code"
+    " path works end to end. Watch the *mechanics* (a reward that rises, a KL that grows, a policy that learns to"
+    " please a weak reward with degenerate text: that is reward hacking, the lesson of this course in miniature)."
+    " For real text, run the `t4` preset on a GPU.")
+
+
+def banner(preset: str) -> str:
+    """``TINY_BANNER`` for the tiny preset (display it as Markdown), else an empty string."""
+    return TINY_BANNER if preset == "tiny" else ""
 
 
 # --------------------------------------------------------------------------- 2. generation

@@ -1,8 +1,11 @@
 """The course's figures, drawn from numbers (never typed in) and redrawable from a run folder's logs alone.
 
 Every plotting function returns the matplotlib ``Figure`` and, given ``path``, also saves it there (PNG at
-120 dpi, parent folders created). In a notebook write ``fig = plots.reward_boxplot(...)``: the figure shows
-once. The "what to look for" lines live next to each call in the notebooks.
+120 dpi, parent folders created). The figure is **closed** before it is returned (``plt.close``): pyplot then
+forgets it, so Jupyter's inline backend does not draw it a second time at the end of the cell, and a live
+plot redrawn in a loop (``clear_output(wait=True)`` + ``display(fig)``) leaves exactly one image, not one per
+redraw. ``display(fig)`` (or the figure as a cell's last expression) still renders it: one image per call.
+The "what to look for" lines live next to each call in the notebooks.
 
 ``redraw_run(run_dir)`` (or ``python -m sawyer.plots RUN_DIR``) rebuilds every figure it can from the logs
 the notebooks write into the run folder, so a disconnected Colab session loses no plot:
@@ -21,7 +24,6 @@ import json
 import re
 import sys
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -29,10 +31,12 @@ import numpy as np
 
 
 def _finish(fig, path=None):
+    """Lay out, save to ``path`` if given, and close ``fig`` (see the module docstring); returns ``fig``."""
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
+    plt.close(fig)  # pyplot forgets it: no second copy from the inline backend, no stale copies in live loops
     return fig
 
 
@@ -120,18 +124,27 @@ def margin_histogram(margins, bins: int = 30, path=None):
     return _finish(fig, path)
 
 
-def length_scatter(lengths, rewards, label: str = "responses", path=None):
-    """Reward against response length with a least-squares line; Pearson r in the title (length bias)."""
+def length_scatter(lengths, rewards, label: str = "responses", path=None, unit: str = "words", truncated=None):
+    """Reward against response length with a least-squares line (length bias); ``unit`` labels the x axis.
+
+    ``truncated`` (a boolean per point, optional) marks answers the reward model only saw cut off at its
+    token window: they are drawn as red crosses and left out of the fit and of the Pearson r in the title,
+    because their reward describes a shorter text than their length says.
+    """
     x, y = np.asarray(lengths, dtype=float), np.asarray(rewards, dtype=float)
+    cut = np.zeros(x.shape, bool) if truncated is None else np.asarray(truncated, dtype=bool)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.scatter(x, y, s=12, alpha=0.6, label=label)
-    r = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() > 0 and y.std() > 0 else float("nan")
-    if x.size > 1 and x.std() > 0:
-        slope, intercept = np.polyfit(x, y, 1)
-        xs = np.linspace(x.min(), x.max(), 2)
-        ax.plot(xs, slope * xs + intercept, color="C3", label=f"fit: {slope:+.3g} per token")
-    ax.set(xlabel="response length (tokens)", ylabel="reward", title=f"{label}: Pearson r = {r:.2f}")
-    ax.legend()
+    ax.scatter(x[~cut], y[~cut], s=12, alpha=0.6, label=label)
+    if cut.any():
+        ax.scatter(x[cut], y[cut], s=24, marker="x", color="C3", label=f"truncated ({int(cut.sum())}, not in fit)")
+    xk, yk = x[~cut], y[~cut]
+    r = float(np.corrcoef(xk, yk)[0, 1]) if xk.size > 1 and xk.std() > 0 and yk.std() > 0 else float("nan")
+    if xk.size > 1 and xk.std() > 0:
+        slope, intercept = np.polyfit(xk, yk, 1)
+        xs = np.linspace(xk.min(), xk.max(), 2)
+        ax.plot(xs, slope * xs + intercept, color="C3", label=f"fit: {slope:+.3g} per {unit.rstrip('s')}")
+    ax.set(xlabel=f"response length ({unit})", ylabel="reward", title=f"{label}: Pearson r = {r:.2f}")
+    ax.legend(fontsize="small")
     return _finish(fig, path)
 
 
@@ -150,8 +163,13 @@ def spotcheck_bar(answers: list[str], rewards, width: int = 60, path=None):
     return _finish(fig, path)
 
 
-def accuracy_bars(results: dict, path=None, title: str = "Benchmark accuracy (95% Wilson CI)"):
-    """Accuracy per benchmark/model with error bars from each result's ``ci_low``/``ci_high``."""
+def accuracy_bars(results: dict, path=None, title: str = "Benchmark accuracy (95% Wilson CI)", chance=None):
+    """Accuracy per benchmark/model with error bars from each result's ``ci_low``/``ci_high``.
+
+    ``chance`` (a number, or one per name as a dict) draws the chance level as a dashed line over each bar,
+    e.g. 1/k for k-choice questions, or each result's own ``chance`` key when it has one: a bar whose interval
+    reaches the line is indistinguishable from guessing.
+    """
     names = list(results)
     acc = np.array([results[n]["accuracy"] for n in names], dtype=float)
     err = np.array([[a - results[n]["ci_low"] for n, a in zip(names, acc)],
@@ -159,39 +177,43 @@ def accuracy_bars(results: dict, path=None, title: str = "Benchmark accuracy (95
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
     bars = ax.bar(range(len(names)), acc, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
     ax.bar_label(bars, fmt="%.3f", padding=2, label_type="center")
+    levels = [chance.get(n) if isinstance(chance, dict) else chance if chance is not None
+              else results[n].get("chance") for n in names]
+    marked = [(i, v) for i, v in enumerate(levels) if v is not None]
+    if marked:
+        ax.hlines([v for _, v in marked], [i - 0.45 for i, _ in marked], [i + 0.45 for i, _ in marked],
+                  colors="black", linestyles="--", label="chance")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set(ylim=(0, 1), ylabel="accuracy", title=title)
+    if marked:
+        ax.legend(loc="upper right", fontsize="small")
     return _finish(fig, path)
 
 
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+def word_shift_bars(shift: dict, baseline: dict | None = None, top: int = 12, path=None):
+    """The ``top`` words of ``textstats.word_log_odds`` by |z|: bars of z (right: more frequent after RL).
 
-
-def word_frequency_shift(before_texts: list[str], after_texts: list[str], top: int = 10) -> list[tuple]:
-    """The ``top`` words whose rate (occurrences / all words, lower-cased) changed most, largest first.
-
-    Returns ``[(word, before_rate, after_rate), ...]``; ties break alphabetically. Rates, not counts,
-    so answers that simply got longer do not make every word look "more frequent".
+    Dashed lines at +-``z_crit`` (the Bonferroni cut-off: bars beyond them are significant); with
+    ``baseline`` (``textstats.no_change_baseline``), a grey band up to its largest |z|: the size of "shift"
+    that two halves of unchanged text already show. A bar inside the band is noise.
     """
-    counts = [Counter(w for t in texts for w in _WORD.findall(t.lower())) for texts in (before_texts, after_texts)]
-    totals = [max(1, sum(c.values())) for c in counts]
-    rates = {w: (counts[0][w] / totals[0], counts[1][w] / totals[1]) for w in counts[0] | counts[1]}
-    ranked = sorted(rates, key=lambda w: (-abs(rates[w][1] - rates[w][0]), w))
-    return [(w, *rates[w]) for w in ranked[:top]]
-
-
-def word_shift_bars(changes: list[tuple], labels=("before", "after"), path=None):
-    """Paired horizontal bars (rate before, rate after) for ``word_frequency_shift``'s output."""
-    words = [c[0] for c in changes]
-    before, after = (np.array([c[i] for c in changes], dtype=float) for i in (1, 2))
-    y = np.arange(len(words))
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(words) + 1.4))
-    ax.barh(y - 0.2, before * 1000, height=0.4, label=labels[0])
-    ax.barh(y + 0.2, after * 1000, height=0.4, label=labels[1])
-    ax.set_yticks(y, words)
+    table = shift["table"].head(top)
+    z = table["z"].to_numpy(dtype=float)
+    y = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(table) + 1.6))
+    if baseline is not None:
+        m = baseline["max_abs_z"]
+        ax.axvspan(-m, m, color="0.85", label=f"no-change baseline (|z| <= {m:.1f})")
+    ax.barh(y, z, color=["C2" if v > 0 else "C3" for v in z])
+    for v in (-shift["z_crit"], shift["z_crit"]):
+        ax.axvline(v, color="black", linestyle="--", linewidth=1)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, list(table["word"]))
     ax.invert_yaxis()
-    ax.set(xlabel="occurrences per 1,000 words", title="Words whose frequency changed most")
-    ax.legend()
+    ax.set(xlabel="z of the log-odds ratio (after vs before)",
+           title=f"Word shift (dashed: significance cut-off |z| = {shift['z_crit']:.1f})")
+    if baseline is not None:
+        ax.legend(loc="lower right", fontsize="small")
     return _finish(fig, path)
 
 

@@ -114,11 +114,74 @@ def test_compare_and_describe_change_use_the_computed_numbers():
     b, a, boot = res["before"]["mean"], res["after"]["mean"], res["bootstrap"]
     assert text.startswith(f"Mean reward rose from {b:.2f} to {a:.2f} ({a - b:+.2f}, 95% CI")
     assert f"[{boot['ci_low']:.2f}, {boot['ci_high']:.2f}]" in text
-    assert f"Wilcoxon p = {res['wilcoxon']['p']:.2g}" in text and "a significant shift" in text
+    d_av = (a - b) / math.sqrt((np.var(BEFORE, ddof=1) + np.var(AFTER, ddof=1)) / 2)
+    assert res["effect_size"]["d_av"] == pytest.approx(d_av) and 0.2 < d_av < 0.5
+    assert f"Wilcoxon p = {res['wilcoxon']['p']:.2g}, d_av = {d_av:+.2f}: a small shift up." in text
     down = ev.compare(AFTER, BEFORE, paired=False, n_resamples=2000)
     text = ev.describe_change("reward", down)
-    assert "fell" in text and f"Mann-Whitney p = {down['mann_whitney']['p']:.2g}" in text
-    assert "not significant" in text and "wilcoxon" not in down
+    assert "fell" in text and f"Mann-Whitney p = {down['mann_whitney']['p']:.2g} >= 0.05" in text
+    assert text.endswith(": no detectable change.") and "wilcoxon" not in down
+
+
+def test_verdict_calls_a_tiny_consistent_shift_with_tiny_p_negligible():
+    """The issue's case: every text moved by a hair, so p is tiny, but nobody would notice the change."""
+    rng = np.random.default_rng(0)
+    before = 1.10 + rng.normal(0, 0.3, 60)
+    after = before + 0.002 + rng.normal(0, 0.0005, 60)  # +0.002 on a spread of 0.3
+    res = ev.compare(before, after, n_resamples=2000)
+    assert res["wilcoxon"]["p"] < 1e-6 and res["effect_size"]["cohens_d"] > 2  # d_z alone would say "large"
+    v = ev.verdict(res)
+    assert v["label"] == "statistically detectable but negligible" and abs(v["d_av"]) < 0.02
+    text = ev.describe_change("neutral logit", res)
+    assert text.endswith("statistically detectable but negligible.") and "significant shift" not in text
+    assert "+0.0020" in text and "(+0.00," not in text  # enough decimals to show the shift and its interval
+    assert "[0.00, 0.00]" not in text
+    # a smallest change that matters, in the metric's units, also makes it negligible
+    big = ev.compare(BEFORE, [x + 0.05 for x in BEFORE], n_resamples=500)
+    assert ev.verdict(big)["label"] == "statistically detectable but negligible"
+    large = ev.compare(BEFORE, [x + 5.0 + 0.1 * (i % 3) for i, x in enumerate(BEFORE)], n_resamples=500)
+    assert ev.verdict(large)["label"] == "a large shift up"
+    assert ev.verdict(large, min_effect=10.0)["label"] == "statistically detectable but negligible"
+
+
+def test_length_bias_check_drops_truncated_answers():
+    """Long answers that the reward model saw cut off score like short ones and hide the length preference."""
+    rng = np.random.default_rng(1)
+    lengths = np.arange(10, 70, 2.0)  # 30 answers
+    rewards = 0.05 * lengths + rng.normal(0, 0.4, lengths.size)
+    truncated = lengths >= 56  # the 7 longest exceed the window ...
+    rewards[truncated] = rng.normal(0.0, 0.2, truncated.sum())  # ... and were scored on a cut answer
+    check = ev.length_bias_check(rewards, lengths, truncated)
+    kept = ~truncated
+    rho = stats.spearmanr(lengths[kept], rewards[kept]).statistic
+    assert check["n"] == 23 and check["n_truncated"] == 7 and check["spearman_rho"] == pytest.approx(rho)
+    assert check["rho_with_truncated"] == pytest.approx(stats.spearmanr(lengths, rewards).statistic)
+    assert check["rho_with_truncated"] < 0.3 < check["spearman_rho"]  # truncation hid the bias
+    half = 1.959964 * math.sqrt((1 + rho ** 2 / 2) / (23 - 3))  # Fisher z, Bonett-Wright standard error
+    assert (check["ci_low"], check["ci_high"]) == pytest.approx((math.tanh(math.atanh(rho) - half),
+                                                                 math.tanh(math.atanh(rho) + half)), abs=1e-5)
+    assert check["verdict"].startswith("the reward model pays for length (rho = ")
+    assert f"CI [{check['ci_low']:.2f}, {check['ci_high']:.2f}], on 23 answers" in check["verdict"]
+    flat = ev.length_bias_check(rng.normal(0, 1, 12), np.arange(12.0))
+    assert flat["n_truncated"] == 0 and "cannot rule out a moderate one" in flat["verdict"]
+    with pytest.raises(ValueError, match="3 truncation flags"):
+        ev.length_bias_check([1, 2, 3, 4], [1, 2, 3, 4], [False] * 3)
+
+
+def test_truncated_mask_counts_the_pair_encoding(tiny_paths):
+    from sawyer import loading
+
+    tok = loading.load_tokenizer(str(tiny_paths["roberta"]))
+    q, short, long = "Why?", "Because.", " ".join(["because"] * 80)
+    mask = ev.truncated_mask(tok, [q, q], [short, long], max_length=32)
+    assert mask == [False, True]
+    n = len(tok(q, short)["input_ids"])
+    assert ev.truncated_mask(tok, [q], [short], max_length=n) == [False]
+    assert ev.truncated_mask(tok, [q], [short], max_length=n - 1) == [True]
+
+
+def test_banner_only_on_tiny():
+    assert "meaningless" in ev.banner("tiny") and ev.banner("t4") == ""
 
 
 # --------------------------------------------------------------------------- models

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from sawyer import plots  # noqa: E402
@@ -69,8 +70,32 @@ def test_margin_histogram_and_length_scatter():
     (ax,) = fig.axes
     r = np.corrcoef(x, y)[0, 1]
     assert ax.get_title() == f"RL: Pearson r = {r:.2f}" and len(ax.collections) == 1 and len(ax.lines) == 1
+    assert ax.get_xlabel() == "response length (words)"
     slope, intercept = np.polyfit(x, y, 1)
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [slope * 10 + intercept, slope * 50 + intercept])
+
+
+def test_length_scatter_marks_truncated_answers_and_fits_without_them():
+    x, y = [10, 20, 30, 40, 200], [1.0, 2.5, 2.0, 4.0, -3.0]  # the long answer was scored cut off
+    fig = plots.length_scatter(x, y, label="held out", unit="tokens", truncated=[0, 0, 0, 0, 1])
+    (ax,) = fig.axes
+    assert len(ax.collections) == 2 and ax.collections[1].get_offsets().tolist() == [[200.0, -3.0]]
+    r = np.corrcoef(x[:4], y[:4])[0, 1]
+    assert ax.get_title() == f"held out: Pearson r = {r:.2f}" and ax.get_xlabel() == "response length (tokens)"
+    slope, intercept = np.polyfit(x[:4], y[:4], 1)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [slope * 10 + intercept, slope * 40 + intercept])
+    assert "truncated (1, not in fit)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plots_close_their_figure_so_it_shows_once():
+    """The inline backend draws every *open* figure at the end of a cell, on top of display(fig): closed
+    figures show only where they are displayed, and a live loop's redraws leave no stale copies."""
+    for _ in range(3):  # like a live plot redrawn in a training loop
+        fig = plots.training_curves(_ppo_records(), keys=("objective/score",))
+    assert plt.get_fignums() == []
+    from IPython.core.pylabtools import print_figure  # what the inline backend's display(fig) calls
+
+    assert print_figure(fig, "png")[:4] == b"\x89PNG"  # a closed figure still renders for display()
 
 
 def test_spotcheck_accuracy_and_word_shift_bars():
@@ -86,20 +111,25 @@ def test_spotcheck_accuracy_and_word_shift_bars():
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     segments = bars.lines[2][0].get_segments()  # the error bars: drawn from the CI, not typed in
     np.testing.assert_allclose([(s[0][1], s[1][1]) for s in segments], [(0.30, 0.36), (0.19, 0.25), (0.70, 0.83)])
-    fig = plots.word_shift_bars([("announced", 0.0, 0.25), ("scrapped", 0.25, 0.0)])
-    assert len(fig.axes[0].patches) == 4
+    assert ax.get_legend() is None  # no chance level asked for
+    ax = plots.accuracy_bars(results, chance={"truthful_qa SFT": 0.25, "truthful_qa RL": 0.25,
+                                              "world_religions SFT": 0.25}).axes[0]
+    (chance,) = [c for c in ax.collections if c.get_label() == "chance"]
+    np.testing.assert_allclose([seg[:, 1] for seg in chance.get_segments()], [[0.25, 0.25]] * 3)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chance"]
 
 
-def test_word_frequency_shift_literal():
-    before = ["Trump scrapped the deal.", "The deal was scrapped!"]
-    after = ["Trump announced the deal.", "The deal was announced!"]
-    # 8 words each side; "scrapped" 2/8 -> 0, "announced" 0 -> 2/8, the rest unchanged (ties: alphabetical)
-    assert plots.word_frequency_shift(before, after, top=3) == [
-        ("announced", 0.0, 0.25), ("scrapped", 0.25, 0.0), ("deal", 0.25, 0.25)]
-    # rates, not counts: twice the text with the same mix is no change
-    shift = plots.word_frequency_shift(["good good bad"], ["good good good good bad bad"])
-    assert all(b == a for _, b, a in shift) and [w for w, *_ in shift] == ["bad", "good"]
-    assert plots.word_frequency_shift(["It's fine"], ["it's"], top=1) == [("fine", 0.5, 0.0)]
+def test_word_shift_bars_draw_z_cut_off_and_baseline():
+    shift = {"table": pd.DataFrame({"word": ["announced", "scrapped", "deal"], "z": [4.0, -3.5, 0.1]}),
+             "z_crit": 3.2}
+    fig = plots.word_shift_bars(shift, baseline={"max_abs_z": 2.0})
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if p.get_height() < 1]  # the barh bars (the band is a tall polygon)
+    np.testing.assert_allclose(sorted(b.get_width() for b in bars), [-3.5, 0.1, 4.0])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["announced", "scrapped", "deal"]
+    xs = sorted(line.get_xdata()[0] for line in ax.lines)
+    assert xs == [-3.2, 0.0, 3.2]
+    assert "no-change baseline (|z| <= 2.0)" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_read_jsonl_names_the_bad_line(tmp_path):
