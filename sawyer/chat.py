@@ -13,6 +13,10 @@ template also works, less reliably, with a tokenizer that has never seen them.
 Messages are stripped of surrounding whitespace when rendered (training data and typed input then agree),
 and a message that contains a marker is refused: it would silently re-shape the conversation.
 
+Typed text is *text*. A user who types ``</s>`` or ``<|eot_id|>`` must not end the prompt with a real EOS
+id, nor ``<s>`` start a new sequence: ``encode_prompt`` tokenizes the template as usual and spells any control
+token that appears inside a message out as ordinary characters (``<``, ``/``, ``s``, ``>``).
+
 Command line (reads stdin line by line, so a pipe can drive it)::
 
     python -m sawyer.chat --base meta-llama/Meta-Llama-3-8B --adapter runs/x/sft --load-in-4bit
@@ -26,6 +30,7 @@ import argparse
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 HUMAN = "###HUMAN###"
 BOT = "###BOT###"
@@ -59,7 +64,17 @@ def _check(turns: Sequence[Turn]) -> list[Turn]:
 
 
 def _render(turns: Sequence[Turn]) -> str:
-    return "".join(f"{_ROLE_MARKER[role]} {msg.strip()} " for role, msg in turns)
+    return _render_spans(turns)[0]
+
+
+def _render_spans(turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered turns and the ``(start, end)`` character span of each message in that text."""
+    text, spans = "", []
+    for role, msg in turns:
+        text += f"{_ROLE_MARKER[role]} "
+        spans.append((len(text), len(text) + len(msg.strip())))
+        text += f"{msg.strip()} "
+    return text, spans
 
 
 def format_conversation(turns: Sequence[Turn]) -> str:
@@ -150,16 +165,27 @@ def extract_reply(generated: str, extra_stops: Iterable[str] = ()) -> str:
 
 # --------------------------------------------------------------------------- multi-turn history
 class Chat:
-    """A multi-turn history: ``add_user`` / ``add_bot``, then ``prompt()`` for the next generation."""
+    """A multi-turn history: ``add_user`` / ``add_bot``, then ``prompt()`` for the next generation.
+
+    A message is checked *before* it joins the history: a refused one (``ValueError``: it contains a template
+    marker, or is empty) leaves the conversation exactly as it was, so the next message works.
+    """
 
     def __init__(self, turns: Iterable[Turn] = ()):
-        self.turns: list[Turn] = list(turns)
+        turns = list(turns)
+        self.turns: list[Turn] = _check(turns) if turns else []
+
+    def _add(self, role: str, message: str) -> None:
+        _check([(role, message)])
+        if role == "human" and not message.strip():
+            raise ValueError("an empty message")
+        self.turns.append((role, message))
 
     def add_user(self, message: str) -> None:
-        self.turns.append(("human", message))
+        self._add("human", message)
 
     def add_bot(self, message: str) -> None:
-        self.turns.append(("bot", message))
+        self._add("bot", message)
 
     def prompt(self) -> str:
         return format_prompt(self.turns)
@@ -170,11 +196,47 @@ class Chat:
 
 # --------------------------------------------------------------------------- generation
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end a reply: EOS, plus ``###STOP###`` when it is a token of this vocabulary."""
+    """Ids that end a reply: EOS, plus each marker that is a token of this vocabulary: ``###STOP###`` and
+    every marker that begins a new turn (``###HUMAN###``, ``###BOT###``). A reply that invents the user's next
+    turn ends there, instead of reaching a reward model or the screen as one merged text."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()
-    if STOP in vocab and vocab[STOP] not in ids:
-        ids.append(vocab[STOP])
+    for marker in (STOP, HUMAN, BOT):
+        if marker in vocab and vocab[marker] not in ids:
+            ids.append(vocab[marker])
+    return ids
+
+
+def control_token_ids(tokenizer) -> set[int]:
+    """Ids a user must never produce by typing: the special tokens (BOS, EOS, PAD, UNK, ...) and every
+    added token marked special (the SAWYER markers, Llama-3's ``<|eot_id|>`` and reserved tokens)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
+    return ids
+
+
+def encode_prompt(tokenizer, history: str | Sequence[Turn]) -> list[int]:
+    """Token ids of ``format_prompt(history)`` in which the messages are encoded as plain text.
+
+    A tokenizer matches special-token strings anywhere in its input, so ``tokenizer("hi </s>")`` would give
+    the EOS id. We tokenize the whole prompt normally (so ids match what SFT trained on, BOS included) and
+    re-encode every control token whose characters lie inside a message with ``split_special_tokens=True``:
+    typed ``</s>`` becomes the tokens of the characters ``</s>``. Needs a fast tokenizer (offsets).
+    """
+    turns = _check([("human", history)] if isinstance(history, str) else history)
+    text = format_prompt(turns)
+    spans = _render_spans(turns)[1]
+    enc = tokenizer(text, return_offsets_mapping=True)
+    control = control_token_ids(tokenizer)
+    ids = []
+    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tok in control and end > start and any(a <= start and end <= b for a, b in spans):
+            spelled = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if control & set(spelled):
+                raise ValueError(f"cannot encode {text[start:end]!r} as plain text with this tokenizer")
+            ids.extend(spelled)
+        else:
+            ids.append(tok)
     return ids
 
 
@@ -183,8 +245,9 @@ def generate_reply(model, tokenizer, history: str | Sequence[Turn] | Chat, *, ma
     """Generate the bot's next reply to ``history`` (a message, turns ending on a human turn, or a ``Chat``).
 
     Generation stops at EOS or ``###STOP###`` (passed as ``eos_token_id``, so the stop id is applied on
-    every call, not only the first). When the prompt would not fit the model's context, the oldest turns are
-    dropped. ``temperature <= 0`` or ``do_sample=False`` means greedy decoding.
+    every call, not only the first). The prompt is tokenized by ``encode_prompt``: typed control-token text
+    stays text. When the prompt would not fit the model's context, the oldest turns are dropped.
+    ``temperature <= 0`` or ``do_sample=False`` means greedy decoding.
     """
     import torch
 
@@ -192,8 +255,8 @@ def generate_reply(model, tokenizer, history: str | Sequence[Turn] | Chat, *, ma
     turns = [("human", turns)] if isinstance(turns, str) else list(turns)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 10**9)
     while True:
-        enc = tokenizer(format_prompt(turns), return_tensors="pt")
-        if enc["input_ids"].shape[1] + max_new_tokens <= limit or len(turns) <= 1:
+        ids = encode_prompt(tokenizer, turns)
+        if len(ids) + max_new_tokens <= limit or len(turns) <= 1:
             break
         turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest exchange
     stops = stop_token_ids(tokenizer)
@@ -202,7 +265,8 @@ def generate_reply(model, tokenizer, history: str | Sequence[Turn] | Chat, *, ma
     kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "eos_token_id": stops, "pad_token_id": pad}
     if sample:
         kwargs["temperature"] = temperature
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    input_ids = torch.tensor([ids], device=model.device)  # (1, P)
+    enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     model.eval()
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
@@ -216,9 +280,46 @@ def generate_reply(model, tokenizer, history: str | Sequence[Turn] | Chat, *, ma
 
 
 # --------------------------------------------------------------------------- command line
+class ChatSetupError(ValueError):
+    """The chat cannot start: a missing or invalid adapter or base model. The message is one line."""
+
+
+def check_adapter(adapter: str | Path) -> Path:
+    """The adapter folder, or a ``ChatSetupError`` saying what is wrong with it and where adapters are.
+
+    An adapter folder (written by ``sawyer.tokens.save_adapter``) holds ``adapter_config.json``; notebook 02
+    writes ``runs/<name>/02_sft/adapter`` and notebook 04 ``runs/<name>/04_ppo/adapter``.
+    """
+    path = Path(adapter).expanduser()
+    where = "notebook 02 writes runs/<name>/02_sft/adapter, notebook 04 runs/<name>/04_ppo/adapter"
+    if not path.exists():
+        raise ChatSetupError(f"adapter folder {str(adapter)!r} does not exist ({where})")
+    if not path.is_dir() or not (path / "adapter_config.json").is_file():
+        raise ChatSetupError(f"{str(adapter)!r} is not an adapter folder: it has no adapter_config.json ({where})")
+    return path
+
+
 def load_chat_model(base: str, adapter: str | None = None, load_in_4bit: bool = False):
-    """``(model, tokenizer)``: the base model, plus an SFT/PPO adapter (with its marker tokens) when given."""
+    """``(model, tokenizer)``: the base model, plus an SFT/PPO adapter (with its marker tokens) when given.
+
+    Raises ``ChatSetupError`` (one line) when the adapter or the base model cannot be loaded.
+    """
+    from sawyer.loading import ModelLoadError
+
+    try:
+        return _load_chat_model(base, adapter, load_in_4bit)
+    except ModelLoadError as e:
+        raise ChatSetupError(" ".join(str(e).split())) from e
+    except ChatSetupError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. a broken adapter_config.json, or another base's adapter
+        what = f"adapter {str(adapter)!r} on base {base!r}" if adapter else f"base model {base!r}"
+        raise ChatSetupError(f"could not load the {what}: {type(e).__name__}: {' '.join(str(e).split())}") from e
+
+
+def _load_chat_model(base: str, adapter: str | None, load_in_4bit: bool):
     if adapter:
+        adapter = check_adapter(adapter)
         from sawyer.tokens import load_adapter
 
         return load_adapter(base, adapter, load_in_4bit=load_in_4bit)
@@ -241,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_chat_model(args.base, args.adapter, args.load_in_4bit)
+    try:
+        model, tokenizer = load_chat_model(args.base, args.adapter, args.load_in_4bit)
+    except ChatSetupError as e:
+        print(f"sawyer.chat: {e}", file=sys.stderr)
+        return 2
     interactive = sys.stdin.isatty()
     print("SAWYER chat: type a message; /reset clears the history, /quit leaves.", file=sys.stderr)
     chat = Chat()
@@ -261,10 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("(history cleared)", flush=True)
             continue
         try:
-            chat.add_user(message)
-            chat.prompt()  # validates the message before the model runs
+            chat.add_user(message)  # a refused message never joins the history
         except ValueError as e:
-            chat.turns.pop()
             print(f"(not sent: {e})", flush=True)
             continue
         reply = generate_reply(model, tokenizer, chat, max_new_tokens=args.max_new_tokens,
