@@ -12,6 +12,13 @@ __version__ = "0.1.0"
 # it then uses its built-in kernel, so offline the warning is expected noise for workshop attendees.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
+# Our code calls transformers' current activation-checkpointing API; peft (get_peft_model,
+# prepare_model_for_kbit_training) and trl still call the old names, whose FutureWarning attendees cannot act on.
+import warnings as _warnings  # noqa: E402
+
+_warnings.filterwarnings("ignore", category=FutureWarning,
+                         message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
+
 # Tests and the offline dry run set SAWYER_NETGUARD=1: any socket to a non-loopback address then
 # raises, inside notebook kernels too (they import sawyer), which proves the course runs offline.
 if _os.environ.get("SAWYER_NETGUARD") == "1":
