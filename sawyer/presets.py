@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from sawyer import validate
 from sawyer.ppo import PPOConfig
 
 COMPARISON_URL = ("https://raw.githubusercontent.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM/main/"
@@ -53,6 +54,15 @@ class SummaryConfig:
         learning_rate=2e-5, batch_size=8, mini_batch_size=8, gradient_accumulation_steps=1, ppo_epochs=4,
         kl_coef=0.2, adaptive_kl=True, kl_target=6.0, min_new_tokens=8, max_new_tokens=48))
 
+    def __post_init__(self):  # each check names the field and its allowed range (sawyer.validate)
+        validate.text(self, "policy", "dataset", "cola_model", "cola_label", "sentiment_model", "sentiment_label")
+        validate.integer(self, "n_train", "n_test", "steps", "lora_r", "lora_alpha")
+        validate.integer(self, "test_min_chars", low=0)
+        validate.integer(self, "test_max_chars", low=self.test_min_chars)  # the 200-450 window must not be empty
+        validate.number(self, "cola_weight", "sentiment_weight")
+        validate.flag(self, "load_in_4bit")
+        validate.instance(self, "ppo", PPOConfig)
+
 
 @dataclass
 class SFTConfig:
@@ -80,6 +90,22 @@ class SFTConfig:
     gradient_checkpointing: bool = True
     eval_batches: int | None = None  # cap evaluation batches (None: the whole eval split)
 
+    def __post_init__(self):
+        validate.text(self, "base_model", "lr_scheduler")
+        validate.texts(self, "datasets")
+        validate.integer(self, "max_rows", "eval_batches", optional=True)
+        validate.number(self, "eval_fraction", low=0, high=1, low_open=True, high_open=True)  # eval loss needs rows
+        validate.integer(self, "seed", low=0)
+        validate.integer(self, "max_seq_len", "lora_r", "batch_size", "gradient_accumulation_steps")
+        validate.number(self, "lora_alpha", "learning_rate", "epochs", low=0, low_open=True)
+        validate.number(self, "lora_dropout", "warmup_ratio", low=0, high=1, high_open=True)
+        validate.choice(self, "lora_targets", ("qv", "all-linear"))
+        validate.steps_or_epochs(self, "max_steps")
+        validate.flag(self, "load_in_4bit", "gradient_checkpointing")
+        phrases = self.phrases.values() if isinstance(self.phrases, dict) else [None]
+        if not all(isinstance(v, str) and v.strip() for v in phrases):
+            raise validate.ConfigError(f"SFTConfig.phrases must map markers to non-empty phrases, got {self.phrases!r}")
+
 
 @dataclass
 class RewardConfig:
@@ -97,6 +123,18 @@ class RewardConfig:
     epochs: float = 3.0
     batch_size: int = 8
     max_steps: int = -1
+
+    def __post_init__(self):
+        validate.text(self, "base_model", "comparison_file")
+        validate.integer(self, "max_items", optional=True)
+        validate.number(self, "eval_fraction", low=0, high=1, low_open=True, high_open=True)  # accuracy needs pairs
+        validate.integer(self, "seed", low=0)
+        validate.integer(self, "max_length", low=2)  # a question token and an answer token at least
+        validate.choice(self, "margin", ("score_diff", "none"))
+        validate.number(self, "margin_scale", low=0)
+        validate.number(self, "learning_rate", "epochs", low=0, low_open=True)
+        validate.integer(self, "batch_size")
+        validate.steps_or_epochs(self, "max_steps")
 
 
 @dataclass
@@ -117,6 +155,15 @@ class SawyerPPOConfig:
         learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2, kl_coef=0.2, adaptive_kl=True,
         kl_target=6.0, min_new_tokens=128, max_new_tokens=256))
 
+    def __post_init__(self):
+        validate.text(self, "dataset")
+        validate.integer(self, "n_prompts", "n_test", "max_prompt_tokens", "steps", "checkpoint_every",
+                         "sample_every", "reward_batch_size")
+        validate.integer(self, "n_prompts", low=self.n_test + 1)  # the rest after the test prompts is for training
+        validate.integer(self, "seed", low=0)
+        validate.flag(self, "load_in_4bit")
+        validate.instance(self, "ppo", PPOConfig)
+
 
 @dataclass
 class EvalConfig:
@@ -131,6 +178,12 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0
 
+    def __post_init__(self):
+        validate.text(self, "truthful_qa", "mmlu")
+        validate.integer(self, "n_test", "max_new_tokens", "bootstrap_samples", "batch_size")
+        validate.integer(self, "max_questions", optional=True)
+        validate.integer(self, "seed", low=0)
+
 
 @dataclass
 class Preset:
@@ -143,6 +196,12 @@ class Preset:
     ppo: SawyerPPOConfig
     eval: EvalConfig
     description: str = ""
+
+    def __post_init__(self):  # get_preset("tiny", ppo=PPOConfig(...)) is an easy mix-up: name it
+        validate.text(self, "name")
+        for name, cls in (("summary", SummaryConfig), ("sft", SFTConfig), ("reward", RewardConfig),
+                          ("ppo", SawyerPPOConfig), ("eval", EvalConfig)):
+            validate.instance(self, name, cls)
 
 
 def _tiny() -> Preset:

@@ -126,8 +126,8 @@ def test_cli_pipe_two_messages():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "sawyer.chat", "--base", base, "--max-new-tokens", "8", "--seed", "0"],
-        input="hello there\n/reset\nsay ###BOT### yes\nwhat is a dog?\n/quit\nnever read\n", capture_output=True, text=True,
-        timeout=300, cwd=REPO, env=env)
+        input="hello there\n/reset\nsay ###BOT### yes\nwhat is a dog?\n/quit\nnever read\n", capture_output=True,
+        text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     replies = [line for line in proc.stdout.splitlines() if line.startswith("SAWYER: ") or line == "SAWYER:"]
     assert len(replies) == 2, proc.stdout
