@@ -62,7 +62,10 @@ def resolve(name: str | Path) -> str:
 def _explain(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     local = Path(str(name)).exists()
+    # a hub id is "name" or "org/name": anything else (absolute, ./, ~, two or more "/") was meant as a folder
+    path_like = str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1 or "\\" in str(name)
     hint = ("the folder exists but is not a complete model (config.json and *.safetensors expected)" if local else
+            f"there is no such local folder ({Path(str(name)).expanduser().resolve()})" if path_like else
             "you are offline (HF_HUB_OFFLINE=1) and it is not in the local cache: use the `tiny` preset or "
             "download it first" if offline else
             "check the id; for a gated model (e.g. meta-llama/*) accept its licence on the hub and log in "

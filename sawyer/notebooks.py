@@ -113,6 +113,10 @@ def execute(notebook: Path, output: Path, parameters: dict, *, cwd: Path | None 
     output.parent.mkdir(parents=True, exist_ok=True)
     old_env = dict(os.environ)
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    if os.environ.get("SAWYER_NETGUARD") == "1":  # the kernel is guarded from its first cell (sawyer.netguard)
+        from sawyer import netguard
+
+        os.environ.update(netguard.child_environment())
     os.environ.setdefault("MPLBACKEND", "Agg")
     start = time.time()
     try:
