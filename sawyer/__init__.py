@@ -19,6 +19,21 @@ import warnings as _warnings  # noqa: E402
 _warnings.filterwarnings("ignore", category=FutureWarning,
                          message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
 
+
+class _PlainText(_logging.Filter):
+    """transformers' LOAD REPORT hard-codes ANSI bold even when not writing to a terminal: keep the report (it says
+    which weights are new, e.g. a reward model's fresh head), drop the escape codes that litter saved notebooks."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "\x1b[" in record.msg:
+            import re
+
+            record.msg = re.sub(r"\x1b\[[0-9;]*m", "", record.msg)
+        return True
+
+
+_logging.getLogger("transformers.modeling_utils").addFilter(_PlainText())
+
 # Tests and the offline dry run set SAWYER_NETGUARD=1: any socket to a non-loopback address then
 # raises, inside notebook kernels too (they import sawyer), which proves the course runs offline.
 if _os.environ.get("SAWYER_NETGUARD") == "1":
