@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +118,16 @@ def execute(notebook: Path, output: Path, parameters: dict, *, cwd: Path | None 
         from sawyer import netguard
 
         os.environ.update(netguard.child_environment())
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    # Jupyter's inline backend, as on Colab: figures are saved into the executed notebook (Agg would save none)
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     start = time.time()
     try:
-        pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
-                            cwd=str(cwd or REPO_ROOT), progress_bar=False, execution_timeout=timeout,
-                            log_output=False)
+        with tempfile.TemporaryDirectory(prefix="sawyer-kernel-") as sockets:
+            pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                cwd=str(cwd or REPO_ROOT), progress_bar=False, execution_timeout=timeout,
+                                log_output=False, kernel_manager_class=_ipc_kernel_manager(Path(sockets)),
+                                extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"],
+                                coalesce_streams=True)
     except PapermillExecutionError as e:
         cell, first_line = _failed_cell(output)
         raise NotebookFailed(notebook.name, cell, f"{e.ename}: {e.evalue} (in `{first_line}`)", output) from None
@@ -132,6 +137,71 @@ def execute(notebook: Path, output: Path, parameters: dict, *, cwd: Path | None 
         os.environ.clear()
         os.environ.update(old_env)
     return time.time() - start
+
+
+#: Run in every executed kernel before the first cell (papermill runs only; Colab is untouched).
+KERNEL_SETUP = "import sawyer.notebooks as _sawyer_nb; _sawyer_nb.kernel_setup(); del _sawyer_nb"
+
+
+def kernel_setup() -> None:
+    """Text progress bars in executed notebooks: ``tqdm.auto`` picks ipywidget bars inside a kernel, and a
+    saved notebook holds no widget state, so every bar would render as "0%". Text bars save their last state
+    (``coalesce_streams`` applies the carriage returns)."""
+    import tqdm.auto
+    import tqdm.autonotebook
+    import tqdm.std
+
+    for module in (tqdm.auto, tqdm.autonotebook):
+        module.tqdm, module.trange = tqdm.std.tqdm, tqdm.std.trange
+
+
+def _ipc_kernel_manager(folder: Path):
+    """A kernel manager that talks to the kernel over Unix sockets in ``folder`` instead of TCP on loopback:
+    nothing listens on a port, and ipykernel's "Kernel is running over TCP without encryption" warning
+    (printed once per notebook) does not apply."""
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=str(folder / "kernel"), **kwargs)
+
+    return IPCKernelManager
+
+
+#: ``sawyer.plots`` functions that draw one figure per call (``redraw_run`` saves files and displays nothing).
+FIGURE_CALLS = ("training_curves", "reward_boxplot", "reward_histograms", "margin_histogram", "length_scatter",
+                "spotcheck_bar", "accuracy_bars", "word_shift_bars")
+#: Text that must not appear in an executed notebook's outputs, and why.
+NOISE = {"FutureWarning": "a deprecation warning", "over TCP without encryption": "kernel transport noise",
+         "Token indices sequence length": "a tokenizer length warning", "\x1b[": "raw ANSI escape codes",
+         "<torch._C.Generator": "a stray return value", "<Figure size": "a figure shown as text, not as an image"}
+
+
+def output_problems(executed: Path) -> list[str]:
+    """What is wrong with the outputs of an executed notebook (empty list: nothing).
+
+    - every code cell shows exactly as many images as it has figure calls (``plots.<name>(`` in its source,
+      counted once even inside a loop: a live plot replaces itself); no duplicates, no stale copies, none missing;
+    - no ``NOISE`` text in any output, and no ipywidget progress bar (saved without its state it renders "0%").
+    """
+    nb = nbformat.read(executed, as_version=4)
+    problems, name = [], Path(executed).name
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        outputs = cell.get("outputs", [])
+        images = sum("image/png" in o.get("data", {}) for o in outputs)
+        expected = sum(cell.source.count(f"plots.{f}(") for f in FIGURE_CALLS)
+        if images != expected:
+            problems.append(f"{name} cell {i}: {images} image(s) for {expected} figure call(s)")
+        for o in outputs:
+            data = o.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data:
+                problems.append(f"{name} cell {i}: an ipywidget progress bar ({str(data.get('text/plain'))[:40]!r})")
+            plain = "" if "image/png" in data else str(data.get("text/plain", ""))  # an image's text twin is fine
+            text = o.get("text", "") + plain + "".join(o.get("traceback", []))
+            problems += [f"{name} cell {i}: {why} ({needle!r})" for needle, why in NOISE.items() if needle in text]
+    return problems
 
 
 def _failed_cell(executed: Path) -> tuple[int | None, str]:
