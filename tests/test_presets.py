@@ -18,15 +18,17 @@ def test_auto_is_tiny_without_a_gpu():
 
 def test_a100_keeps_the_original_workshop_settings():
     p = presets.get_preset("a100")
-    assert p.sft.base_model == "meta-llama/Meta-Llama-3-8B"
+    from sawyer.loading import split_revision  # hub ids carry a pinned commit: "org/name@sha"
+    assert split_revision(p.sft.base_model)[0] == "meta-llama/Meta-Llama-3-8B"
     assert (p.sft.lora_r, p.sft.lora_alpha, p.sft.lora_dropout, p.sft.lora_targets) == (128, 32, 0.05, "qv")
     assert (p.sft.learning_rate, p.sft.batch_size, p.sft.gradient_accumulation_steps) == (2e-4, 2, 4)
     assert p.sft.max_seq_len == 1024 and p.sft.eval_fraction == 0.2 and p.sft.seed == 42
-    assert (p.reward.base_model, p.reward.learning_rate, p.reward.epochs) == ("roberta-base", 1e-6, 3.0)
+    assert (split_revision(p.reward.base_model)[0], p.reward.learning_rate, p.reward.epochs) == \
+        ("FacebookAI/roberta-base", 1e-6, 3.0)
     assert p.ppo.ppo.learning_rate == 1.41e-5 and p.ppo.ppo.batch_size == 8 and p.ppo.ppo.ppo_epochs == 2
     assert (p.ppo.ppo.min_new_tokens, p.ppo.ppo.max_new_tokens) == (128, 256)
     assert (p.ppo.n_prompts, p.ppo.n_test, p.ppo.max_prompt_tokens) == (2000, 200, 128)
-    assert p.summary.policy == "google/flan-t5-small" and p.summary.ppo.learning_rate == 2e-5
+    assert split_revision(p.summary.policy)[0] == "google/flan-t5-small" and p.summary.ppo.learning_rate == 2e-5
     assert (p.summary.cola_weight, p.summary.sentiment_weight) == (1.0, 0.5)
 
 
@@ -143,3 +145,14 @@ def test_a_run_folder_that_is_a_file_or_cannot_be_written_is_a_clear_error(tmp_p
             resolve_run_dir(locked, use_drive=False)
         with pytest.raises(PermissionError, match="cannot create the run folder"):
             resolve_run_dir(locked / "sub", use_drive=False)
+
+
+def test_notebook_04_with_steps_zero_stops_at_its_set_up_with_the_field_named(tmp_path):
+    """Through the real notebook: the override fails in the set-up cell, before any model or run folder."""
+    from sawyer import notebooks
+
+    with pytest.raises(notebooks.NotebookFailed) as err:
+        notebooks.execute(notebooks.NOTEBOOK_DIR / "04_sawyer_ppo.ipynb", tmp_path / "04.ipynb",
+                          {"preset": "tiny", "run_dir": str(tmp_path / "run"), "steps": 0}, timeout=300)
+    assert "ConfigError: SawyerPPOConfig.steps must be an integer >= 1, got 0" in err.value.error
+    assert "KeyError" not in err.value.error and not (tmp_path / "run" / "04_ppo").exists()
