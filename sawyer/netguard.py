@@ -159,6 +159,9 @@ def child_environment(env: dict | None = None) -> dict:
     Sets ``SAWYER_NETGUARD=1`` and puts ``SITE_DIR`` first on ``PYTHONPATH``; Python imports the
     ``sitecustomize`` module found there before running anything else (a notebook kernel's first cell included).
     """
+    if not (SITE_DIR / "sitecustomize.py").is_file():  # e.g. a wheel install that left the folder out
+        raise RuntimeError(f"{SITE_DIR / 'sitecustomize.py'} is missing: child processes could not be guarded "
+                           "(install sawyer from the repository: pip install -e .)")
     env = dict(os.environ if env is None else env)
     env["SAWYER_NETGUARD"] = "1"
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SITE_DIR)]
