@@ -60,3 +60,20 @@ def test_a_missing_adapter_is_one_line_on_the_page(monkeypatch, tmp_path):
     assert not at.exception, at.exception
     assert len(at.error) == 1 and "Cannot start the chat: adapter folder" in at.error[0].value
     assert "does not exist" in at.error[0].value and not at.chat_input
+
+
+def test_a_failed_generation_takes_its_message_back(app, monkeypatch):
+    import sawyer.chat
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sawyer.chat, "generate_reply", broken)  # app.py imports it from sawyer.chat on every run
+        app.chat_input[0].set_value("Hello there").run()
+    assert not app.exception, app.exception
+    assert "Generation failed, message not kept: RuntimeError: CUDA out of memory" in app.error[0].value
+    assert app.session_state["chat"].turns == []
+    app.chat_input[0].set_value("Hello again").run()  # the real generate_reply is back
+    assert not app.exception and not app.error
+    assert [r for r, _ in app.session_state["chat"].turns] == ["human", "bot"]
