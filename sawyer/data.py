@@ -195,8 +195,11 @@ def read_records(source: str | os.PathLike, *, split: str = "train", config: str
     if path is None:
         import datasets
 
+        from sawyer.loading import split_revision
+
+        repo, revision = split_revision(source)  # "org/name@<commit>": the pinned revision (presets pin them all)
         try:
-            ds = datasets.load_dataset(str(source), config, split=split)
+            ds = datasets.load_dataset(repo, config, split=split, revision=revision)
         except OSError as e:
             hint = (" You are offline (HF_HUB_OFFLINE=1): use the tiny preset's data/ folders."
                     if os.environ.get("HF_HUB_OFFLINE") == "1" else "")

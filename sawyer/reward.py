@@ -25,6 +25,7 @@ measures it: the correlation of reward with length, on answers of one question s
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -236,7 +237,8 @@ def _batch_order(n: int, batch_size: int, total_steps: int, seed: int):
 
 def train_reward_model(model, tokenizer, train_pairs, cfg: RewardConfig, *, eval_pairs=None, run_dir=None,
                        progress: bool = True, log_every: int = 10, warmup_ratio: float = 0.1,
-                       max_grad_norm: float | None = 1.0) -> list[dict]:
+                       max_grad_norm: float | None = 1.0, checkpoint_dir=None, checkpoint_every: int | None = None,
+                       resume: bool = False) -> list[dict]:
     """Train the cross-encoder on ``(question, better, worse, score_diff)`` pairs with the pairwise loss.
 
     A plain loop: AdamW, linear warm-up (``warmup_ratio`` of the steps) then linear decay to 0, gradient
@@ -247,6 +249,11 @@ def train_reward_model(model, tokenizer, train_pairs, cfg: RewardConfig, *, eval
     record ``{"step", "loss/pairwise", "train/accuracy", "train/lr"}`` (means since the last record) is
     appended to the returned list and to ``run_dir/reward_log.jsonl``; with ``eval_pairs`` a last record
     adds ``eval/accuracy``. Deterministic for a given ``cfg.seed`` on the same machine.
+
+    Checkpoints: every ``checkpoint_every`` steps (and after the last) the model, optimiser, schedule, loss
+    scaler, random state and running averages go to ``checkpoint_dir`` (``sawyer.checkpoints``, written
+    all-or-nothing). With ``resume=True`` a checkpoint there is loaded and training continues from its step:
+    the same batches, the same dropout masks, so the result equals an uninterrupted run's.
     """
     from tqdm.auto import tqdm
 
@@ -264,7 +271,8 @@ def train_reward_model(model, tokenizer, train_pairs, cfg: RewardConfig, *, eval
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay (HF's linear schedule)
         opt, lambda s: (s + 1) / (warm + 1) if s < warm else (total - s) / max(1, total - warm))
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype() == torch.float16)
+    # fp16 (a T4): scale the loss so small gradients survive fp16, unscale before clipping (Micikevicius et al. 2018)
+    scaler = torch.amp.GradScaler(dev.type, enabled=compute_dtype() == torch.float16)
     margins = make_margins(train_pairs, cfg.margin, cfg.margin_scale)  # (N,)
     log_file, history = (Path(run_dir) / "reward_log.jsonl" if run_dir is not None else None), []
     if log_file is not None:
@@ -276,11 +284,18 @@ def train_reward_model(model, tokenizer, train_pairs, cfg: RewardConfig, *, eval
             with log_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    from sawyer import checkpoints, runs
+
     model.train()
-    losses, accs = [], []
-    bar = tqdm(_batch_order(len(train_pairs), cfg.batch_size, total, cfg.seed), total=total,
-               desc="reward model", disable=not progress)
-    for step, idx in enumerate(bar, start=1):
+    losses, accs, start = [], [], 0
+    if resume and checkpoint_dir is not None and checkpoints.has_checkpoint(checkpoint_dir):
+        extra = checkpoints.load_training_checkpoint(checkpoint_dir, model, opt, scheduler=sched, scaler=scaler)
+        start, losses, accs, history[:] = extra["step"], extra["losses"], extra["accs"], extra["history"]
+    if log_file is not None and checkpoint_dir is not None:
+        runs.read_log(log_file, max_step=start)  # drop what was logged after the checkpoint (all, without one)
+    batches = itertools.islice(_batch_order(len(train_pairs), cfg.batch_size, total, cfg.seed), start, None)
+    bar = tqdm(batches, total=total, initial=start, desc="reward model", disable=not progress)
+    for step, idx in enumerate(bar, start=start + 1):
         batch = [train_pairs[i] for i in idx]
         qs = [p.question for p in batch]  # each question twice: once with the better, once with the worse answer
         rewards = _forward_scores(model, tokenizer, qs + qs, [p.better for p in batch] + [p.worse for p in batch],
@@ -305,6 +320,9 @@ def train_reward_model(model, tokenizer, train_pairs, cfg: RewardConfig, *, eval
                  "train/lr": lr})
             bar.set_postfix(loss=f"{history[-1]['loss/pairwise']:.3f}", acc=f"{history[-1]['train/accuracy']:.2f}")
             losses, accs = [], []
+        if checkpoint_dir is not None and checkpoint_every and (step % checkpoint_every == 0 or step == total):
+            checkpoints.save_training_checkpoint(checkpoint_dir, model, opt, scheduler=sched, scaler=scaler, extra={
+                "step": step, "losses": losses, "accs": accs, "history": history})
     model.eval()
     if eval_pairs:
         log({"step": total,

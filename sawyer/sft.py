@@ -138,18 +138,32 @@ def prepare_sawyer_model(cfg, *, verbose: bool = True):
 
 
 # --------------------------------------------------------------------------- training
+def precision_flags() -> dict[str, bool]:
+    """``TrainingArguments``' ``bf16``/``fp16`` from ``sawyer.loading.precision()`` (real hardware support).
+
+    fp16 (a T4) is mixed precision done right for LoRA: the base computes in fp16 under autocast, the LoRA
+    weights and marker rows that train stay fp32 masters (``train_sft`` upcasts them), and the Trainer's fp16
+    path scales the loss (a ``GradScaler``) so small fp16 gradients do not flush to zero, then unscales
+    before clipping and the optimiser step. bf16 needs no scaling (fp32's exponent range).
+    """
+    from sawyer.loading import precision
+
+    p = precision()
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
 def training_arguments(cfg, output_dir: str | Path, *, progress: bool = True, logging_steps: float = 0.05,
                        save_steps: int | None = None, eval_steps: int | None = None):
     """``transformers.TrainingArguments`` from an ``SFTConfig``.
 
-    Precision: bf16 autocast where the GPU has it, fp16 (with loss scaling) on a T4, fp32 on CPU.
+    Precision (``precision_flags``): bf16 autocast where the GPU computes bf16 in hardware, fp16 with loss
+    scaling on a T4, fp32 on CPU.
     ``logging_steps < 1`` is a fraction of the run (0.05: twenty log lines). Full models are never saved:
     with ``save_steps`` the checkpoints hold the adapter and optimiser state only (enough to resume).
     """
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(output_dir), seed=cfg.seed, report_to=[], disable_tqdm=not progress,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
@@ -159,7 +173,7 @@ def training_arguments(cfg, output_dir: str | Path, *, progress: bool = True, lo
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=bf16, fp16=cuda and not bf16,
+        **precision_flags(),
         logging_steps=logging_steps, logging_first_step=True,
         eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=2,

@@ -4,11 +4,12 @@
     python -m sawyer.workshop --preset t4 --only 02,03 --run-dir runs/my-run
     python -m sawyer.workshop --preset t4 --run-dir runs/my-run --resume   # skip finished notebooks
 
-Artifacts flow through the run folder: each notebook writes into its own stage folder
-(``02_sft/adapter``, ``03_reward_model/model``, ``04_ppo/adapter``, ...) and ends by calling
-``finish_stage``, which writes ``metrics.json`` and a ``DONE`` marker; ``--resume`` skips a notebook whose
-stage is DONE, and a later notebook refuses to start without the stages it needs. A failure stops the run
-with the notebook, the cell and the error, and a non-zero exit; what finished is kept.
+Artifacts flow through the run folder (``runs/<name>``; the rules are in ``sawyer.runs``): each notebook
+starts its stage (``runs.start_stage``: lock, DONE removed, fingerprint checked), writes into its own stage
+folder (``02_sft/adapter``, ``03_reward_model/model``, ``04_ppo/adapter``, ...) and ends with ``finish``,
+which writes ``metrics.json`` (with wall time and peak memory) and then the ``DONE`` marker; ``--resume``
+skips a notebook whose stage is DONE, and a later notebook refuses to start without the stages it needs.
+A failure stops the run with the notebook, the cell and the error, and a non-zero exit; what finished is kept.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from sawyer.notebooks import NOTEBOOK_DIR, REPO_ROOT, NotebookFailed, execute
+from sawyer import runs
+from sawyer.notebooks import NOTEBOOK_DIR, NotebookFailed, execute
+from sawyer.runs import finish_stage, is_done, read_metrics, require_stages  # noqa: F401 (used by notebooks)
 
 #: (number, notebook file stem, stage folder in the run folder, stages it needs)
 COURSE = [
@@ -33,27 +36,9 @@ COURSE = [
 
 
 # --------------------------------------------------------------------------- used inside the notebooks
-def resolve_run_dir(run_dir: str | os.PathLike | None, preset: str, *, use_drive: bool = False) -> Path:
-    """The run folder: ``run_dir`` if given, else ``runs/<preset>-<time>``; on Google Drive if ``use_drive``.
-
-    On Colab, ``use_drive=True`` mounts Drive and puts the folder under ``MyDrive/sawyer/`` so a disconnect
-    loses nothing: re-open the notebook with the same ``run_dir`` and the finished stages are still there.
-    """
-    base = REPO_ROOT / "runs"
-    if use_drive:
-        try:
-            from google.colab import drive  # type: ignore[import-not-found]
-        except ImportError:
-            raise RuntimeError("use_drive=True works on Colab only; on other machines pass a run_dir") from None
-        drive.mount("/content/drive")
-        base = Path("/content/drive/MyDrive/sawyer")
-    if run_dir:
-        path = Path(run_dir)
-        path = path if path.is_absolute() else (base / path if use_drive else REPO_ROOT / path)
-    else:
-        path = base / f"{preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def resolve_run_dir(run_dir: str | os.PathLike | None, preset: str, *, use_drive: bool | str = "auto") -> Path:
+    """The run folder: ``runs/<run_dir>`` (git-ignored), on Google Drive when on Colab; see ``sawyer.runs``."""
+    return runs.resolve_run_dir(run_dir, preset, use_drive=use_drive)
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -63,49 +48,18 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     return path
 
 
-def require_stages(run_dir: Path, *stages: str) -> None:
-    """Raise a clear error when an earlier notebook's artifacts are missing from ``run_dir``."""
-    missing = [s for s in stages if not is_done(run_dir, s)]
-    if missing:
-        names = {stage: f"{num}_{stem.split('_', 1)[1]}" for num, stem, stage, _ in COURSE}
-        raise RuntimeError(
-            f"run folder {run_dir} lacks the finished stage(s) {', '.join(missing)}: run notebook(s) "
-            f"{', '.join(names.get(s, s) for s in missing)} first with the same run_dir "
-            "(or `python -m sawyer.workshop --run-dir ... --only ...`)")
-
-
-def finish_stage(run_dir: Path, stage: str, metrics: dict) -> Path:
-    """Write ``metrics.json`` (atomically) and the ``DONE`` marker for ``stage``; returns the metrics file."""
-    folder = stage_dir(run_dir, stage)
-    tmp = folder / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=_jsonable))
-    tmp.replace(folder / "metrics.json")
-    (folder / "DONE").write_text(datetime.now().isoformat())
-    return folder / "metrics.json"
-
-
-def is_done(run_dir: Path, stage: str) -> bool:
-    return (Path(run_dir) / stage / "DONE").exists()
-
-
-def read_metrics(run_dir: Path, stage: str) -> dict:
-    path = Path(run_dir) / stage / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _jsonable(x):
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
-
-
 # --------------------------------------------------------------------------- the runner
 def run(preset: str = "tiny", *, run_dir: str | None = None, only: list[str] | None = None, resume: bool = False,
         offline: bool | None = None, echo=print) -> Path:
-    """Execute the course's notebooks in order and write ``report.md``; returns the run folder."""
+    """Execute the course's notebooks in order and write ``report.md``; returns the run folder.
+
+    ``resume=False`` runs every wanted notebook from scratch (each is told ``resume=False``, so old checkpoints
+    are cleared); ``resume=True`` skips DONE stages and lets an interrupted stage continue from its checkpoint
+    when its fingerprint still matches (``sawyer.runs.start_stage``). The runner locks the run folder, so a
+    second runner on the same folder stops with ``runs.RunLocked`` instead of interleaving with this one.
+    """
     offline = preset == "tiny" if offline is None else offline
-    run_path = resolve_run_dir(run_dir, preset)
+    run_path = resolve_run_dir(run_dir, preset, use_drive=False)
     wanted = [c for c in COURSE if not only or c[0] in only]
     unknown = set(only or []) - {c[0] for c in COURSE}
     if unknown:
@@ -113,6 +67,14 @@ def run(preset: str = "tiny", *, run_dir: str | None = None, only: list[str] | N
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "SAWYER_NETGUARD": "1"} if offline else {}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    runs.acquire_lock(run_path, "run folder")
+    try:
+        return _run_notebooks(run_path, preset, wanted, resume, env, echo)
+    finally:
+        runs.release_lock(run_path)
+
+
+def _run_notebooks(run_path: Path, preset: str, wanted: list, resume: bool, env: dict, echo) -> Path:
     timings = _read_timings(run_path)
     echo(f"SAWYER workshop: preset={preset} run folder={run_path}")
     start = time.time()
@@ -125,7 +87,7 @@ def run(preset: str = "tiny", *, run_dir: str | None = None, only: list[str] | N
         echo(f"{label}: running ...", end="", flush=True) if echo is print else echo(f"{label}: running ...")
         try:
             seconds = execute(NOTEBOOK_DIR / f"{stem}.ipynb", run_path / "notebooks" / f"{stem}.ipynb",
-                              {"preset": preset, "run_dir": str(run_path)}, env=env)
+                              {"preset": preset, "run_dir": str(run_path), "resume": resume}, env=env)
         except NotebookFailed as e:
             echo(f" FAILED\n{e}")
             _write_report(run_path, preset, timings)
@@ -167,16 +129,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _write_report(run_path: Path, preset: str, timings: dict) -> Path:
     """``report.md``: every stage's metrics, time per notebook, figures and the executed notebooks."""
     lines = [f"# SAWYER workshop run: `{run_path.name}`", "", f"Preset: `{preset}`. Written {datetime.now():%Y-%m-%d %H:%M}.", ""]
-    lines += ["| notebook | status | time (s) |", "|---|---|---|"]
+    lines += ["| notebook | status | time (s) | stage wall time (s) | peak CPU RSS (GiB) | peak GPU reserved (GiB) |",
+              "|---|---|---|---|---|---|"]
     for num, stem, stage, _ in COURSE:
-        status = "done" if is_done(run_path, stage) else "not run"
-        lines.append(f"| {stem} | {status} | {timings.get(stem, '')} |")
+        # "incomplete": the stage started (its folder exists) but never wrote DONE: killed, failed or running
+        status = "done" if is_done(run_path, stage) else "incomplete" if (run_path / stage).is_dir() else "not run"
+        m = read_metrics(run_path, stage) if status == "done" else {}
+        cells = [_fmt(m[k]) if k in m else "" for k in ("wall_seconds", "peak_cpu_rss_gib", "peak_gpu_reserved_gib")]
+        lines.append(f"| {stem} | {status} | {timings.get(stem, '') if status == 'done' else ''} | {' | '.join(cells)} |")
     for num, stem, stage, _ in COURSE:
-        metrics = read_metrics(run_path, stage)
+        metrics = read_metrics(run_path, stage) if is_done(run_path, stage) else {}
         if not metrics:
             continue
-        lines += ["", f"## {stem}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics).items()]
+        lines += ["", f"## {stem}", ""]
         for fig in sorted((run_path / stage).glob("*.png")):
             lines += ["", f"![{fig.stem}]({fig.relative_to(run_path).as_posix()})"]
     executed = sorted((run_path / "notebooks").glob("*.ipynb"))
