@@ -158,27 +158,33 @@ def compare(before, after, paired: bool = True, *, n_resamples: int = 10000, con
 NEGLIGIBLE, MEDIUM, LARGE = 0.2, 0.5, 0.8
 
 
-def verdict(result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE, min_effect: float | None = None) -> dict:
+def verdict(result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE, min_effect: float | None = None,
+            rel_level: float = 0.01) -> dict:
     """Weigh the p-value, the interval and the effect size into one verdict (``label`` plus a ``reason``).
 
     - p >= ``alpha``: **"no detectable change"** (the interval says how large a change the data cannot rule out);
     - p < ``alpha`` but the shift is under ``negligible`` of the rewards' spread across prompts (|d_av|), or
-      the whole interval lies inside +-``min_effect`` (a smallest change that matters, in the metric's own
-      units, when you have one): **"statistically detectable but negligible"**. With many prompts, or a
-      policy that moves every answer by the same hair, a tiny p comes with a shift nobody would notice;
+      under ``rel_level`` (1%) of the metric's own level max(|mean before|, |mean after|) (a metric that barely
+      varies across prompts, e.g. a near-constant classifier, has a tiny spread that makes any hair look
+      "large"), or the whole interval lies inside +-``min_effect`` (a smallest change that matters, in the
+      metric's own units, when you have one): **"statistically detectable but negligible"**. With many
+      prompts, or a policy that moves every answer by the same hair, a tiny p comes with a shift nobody notices;
     - otherwise **"a small / medium / large shift"** by |d_av| (0.2 / 0.5 / 0.8), up or down.
     """
     test, p = _main_test(result)
     boot, d_av = result["bootstrap"], result["effect_size"]["d_av"]
     inside = min_effect is not None and -min_effect < boot["ci_low"] and boot["ci_high"] < min_effect
+    level = max(abs(result["before"]["mean"]), abs(result["after"]["mean"]))
+    hair = abs(boot["diff"]) < rel_level * level
     direction = "up" if boot["diff"] > 0 else "down"
     if p >= alpha:
         label, reason = "no detectable change", f"{test} p = {p:.2g} >= {alpha:g}"
-    elif abs(d_av) < negligible or inside:
+    elif abs(d_av) < negligible or inside or hair:
         label = "statistically detectable but negligible"
-        reason = (f"{test} p = {p:.2g}, but the shift is {abs(d_av):.2f} of the spread across prompts (|d_av| < "
-                  f"{negligible:g})" if not inside else
-                  f"{test} p = {p:.2g}, but the whole interval lies within +-{min_effect:g}")
+        reason = (f"{test} p = {p:.2g}, but the whole interval lies within +-{min_effect:g}" if inside else
+                  f"{test} p = {p:.2g}, but the shift is {abs(d_av):.2f} of the spread across prompts (|d_av| < "
+                  f"{negligible:g})" if abs(d_av) < negligible else
+                  f"{test} p = {p:.2g}, but the shift is {abs(boot['diff']) / level:.2%} of the mean's size")
     else:
         size = "large" if abs(d_av) >= LARGE else "medium" if abs(d_av) >= MEDIUM else "small"
         label, reason = f"a {size} shift {direction}", f"{test} p = {p:.2g}, d_av = {d_av:+.2f}"
@@ -198,7 +204,7 @@ def _num(x: float, scale: float) -> str:
 
 
 def describe_change(name: str, result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE,
-                    min_effect: float | None = None) -> str:
+                    min_effect: float | None = None, rel_level: float = 0.01) -> str:
     """One plain-English sentence generated from ``compare``'s numbers and ``verdict``, e.g.
 
     "Mean reward rose from 5.70 to 6.92 (+1.22, 95% CI [0.80, 1.60]); Wilcoxon p = 2.2e-05, d_av = +0.43:
@@ -208,7 +214,7 @@ def describe_change(name: str, result: dict, alpha: float = 0.05, negligible: fl
     diff = boot["diff"]
     verb = "rose" if diff > 0 else "fell" if diff < 0 else "stayed"
     scale = max(abs(diff), abs(boot["ci_high"] - boot["ci_low"]) / 2)
-    v = verdict(result, alpha, negligible, min_effect)
+    v = verdict(result, alpha, negligible, min_effect, rel_level)
     fmt = (lambda x: _num(x, scale))  # noqa: E731
     return (f"Mean {name} {verb} from {fmt(before)} to {fmt(after)} ({'+' if diff >= 0 else '-'}{fmt(abs(diff))}, "
             f"{boot['confidence']:.0%} CI [{fmt(boot['ci_low'])}, {fmt(boot['ci_high'])}]); "

@@ -136,6 +136,12 @@ def test_verdict_calls_a_tiny_consistent_shift_with_tiny_p_negligible():
     assert text.endswith("statistically detectable but negligible.") and "significant shift" not in text
     assert "+0.0020" in text and "(+0.00," not in text  # enough decimals to show the shift and its interval
     assert "[0.00, 0.00]" not in text
+    # a near-constant metric (the tiny run's CoLA logit: spread 4e-6) moved by a hair: d_av is huge, the shift is not
+    flat = 1.2433 + rng.normal(0, 4e-6, 24)
+    hair = ev.compare(flat, flat + 3.3e-5 + rng.normal(0, 2e-6, 24), n_resamples=500)
+    assert hair["effect_size"]["d_av"] > 2 and hair["wilcoxon"]["p"] < 0.05
+    text = ev.describe_change("cola logit", hair)
+    assert text.endswith("of the mean's size: statistically detectable but negligible.") and "+0.0000" in text
     # a smallest change that matters, in the metric's units, also makes it negligible
     big = ev.compare(BEFORE, [x + 0.05 for x in BEFORE], n_resamples=500)
     assert ev.verdict(big)["label"] == "statistically detectable but negligible"
