@@ -234,9 +234,12 @@ def train_sft(model, tokenizer, train_examples: list[dict], eval_examples: list[
 
     Eval loss (completion tokens only) is measured before and after training on at most
     ``cfg.eval_batches`` batches. Logs are appended to ``output_dir/sft_log.jsonl``. ``resume_from_checkpoint``: a
-    ``checkpoint-N`` folder written with ``save_steps`` (or True for the latest one); each checkpoint is
-    also an adapter folder that ``sawyer.tokens.load_adapter`` reads.
+    ``checkpoint-N`` folder written with ``save_steps`` (or True for the latest complete one, if any: a
+    fresh start otherwise); each checkpoint is also an adapter folder that ``sawyer.tokens.load_adapter``
+    reads. A damaged checkpoint file raises ``sawyer.runs.DamagedFile`` naming it; log lines written after
+    the checkpoint (the killed run's) are dropped, so the resumed log has each step once.
     """
+    from sawyer import checkpoints, runs
     from transformers import PrinterCallback
 
     output_dir = Path(output_dir)
@@ -262,8 +265,17 @@ def train_sft(model, tokenizer, train_examples: list[dict], eval_examples: list[
         callbacks=[_jsonl_logger(output_dir / "sft_log.jsonl")])
     if not progress:
         trainer.remove_callback(PrinterCallback)  # Trainer prints every log dict when tqdm is off
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = checkpoints.last_trainer_checkpoint(output_dir)  # None: nothing to resume
+        log = output_dir / "sft_log.jsonl"
+        done = int(resume_from_checkpoint.name.split("-")[-1]) if resume_from_checkpoint else 0
+        kept = [r for r in runs.read_log(log, max_step=done) if not (r["step"] == 0 and "eval_loss" in r)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")  # evaluated again below
+    elif resume_from_checkpoint:
+        checkpoints.check_files(resume_from_checkpoint, f"delete {resume_from_checkpoint} or set resume=False")
     before = trainer.evaluate()["eval_loss"] if eval_examples else None
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    with runs.disk_errors(output_dir, "SFT checkpoints"):
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     after = trainer.evaluate()["eval_loss"] if eval_examples else None
     model.eval()
     return {"eval_loss_before": before, "eval_loss_after": after, "train_loss": result.training_loss,
