@@ -4,7 +4,10 @@ Three parts, used by notebook 05:
 
 1. **Statistics** for a before/after comparison of rewards on the same test prompts. Every number is
    computed here, never typed into a notebook. Convention everywhere: ``a`` = before, ``b`` = after, and a
-   *difference* is ``after - before``, so a positive difference means RL raised the reward.
+   *difference* is ``after - before``, so a positive difference means RL raised the reward. ``verdict`` and
+   ``describe_change`` weigh p, the interval and the effect size together (a tiny p with a hair of a shift is
+   "statistically detectable but negligible"); ``length_bias_check`` asks whether the reward pays for length,
+   leaving out answers the reward model only saw truncated.
 2. **Batched generation** (``generate``): left padding for causal models, the prompt into the encoder for
    seq2seq models; returns only the new text, cut at the first stop token.
 3. **Multiple-choice scoring** by log-likelihood, never by parsing free text, so no answer is ever
