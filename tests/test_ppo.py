@@ -1,8 +1,7 @@
-"""Tests of sawyer.ppo: literal values of the math, log-prob consistency, reference, learning, resume, 4-bit.
+"""Tests of sawyer.ppo: literal values of the math, log-probs vs generate(), reference, gradients, learning, 4-bit, fp16.
 
 Everything runs on the tiny models (CPU, offline) with fixed seeds.
 """
-import json
 import math
 from collections import Counter
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from sawyer import loading, ppo
+from sawyer import checkpoints, loading, ppo
 from sawyer.ppo import PPOConfig
 
 DESIGN_STATS = ["objective/score", "objective/kl", "objective/entropy", "policy/approx_kl", "policy/clipfrac",
@@ -282,11 +281,14 @@ def test_sft_adapter_as_frozen_reference(tmp_path):
 
 # ----------------------------------------------------------------------------- learning
 def run_ppo(kind, kl_coef, steps=15):
+    """Raw scores (no shaping): the two betas below were calibrated against word_reward's own scale (0-1);
+    normalised scores would be ~20x larger against the same beta."""
     policy, tok = make_policy(kind, lora_dropout=0.0, all_linear=True)
     cfg = PPOConfig(learning_rate=5e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=kl_coef,
-                    adaptive_kl=False, min_new_tokens=2, max_new_tokens=10, gradient_checkpointing=False)
+                    adaptive_kl=False, min_new_tokens=2, max_new_tokens=10, gradient_checkpointing=False,
+                    score_norm="none", score_clip=None, truncation_penalty=0.0)
     state = ppo.setup(policy, tok, cfg)
-    return ppo.train(state, prompts_for(kind, 16), word_reward("the"), steps=steps, progress=False)
+    return checkpoints.train(state, prompts_for(kind, 16), word_reward("the"), steps=steps, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
@@ -318,7 +320,7 @@ def test_training_moves_only_lora_and_value_head():
         id(p) for p in state.value_head.parameters()}
     base_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
     lora_before, head_before = lora_params(policy), snapshot(state.value_head)
-    ppo.train(state, prompts_for("llama", 8), word_reward("the"), steps=2, progress=False)
+    checkpoints.train(state, prompts_for("llama", 8), word_reward("the"), steps=2, progress=False)
     assert all(torch.equal(p, dict(policy.named_parameters())[n]) for n, p in base_before.items())
     lora_after = lora_params(policy)
     assert all(not torch.equal(p, lora_after[n]) for n, p in lora_before.items() if "lora_B" in n)
@@ -331,7 +333,7 @@ def test_one_ppo_step_with_a_4bit_policy():
     assert loading.is_4bit(policy)
     state = ppo.setup(policy, tok, PPOConfig(learning_rate=1e-2, mini_batch_size=4, max_new_tokens=6))
     before = lora_params(policy)
-    stats = ppo.train(state, prompts_for("llama", 8), word_reward("the"), steps=1, progress=False)[0]
+    stats = checkpoints.train(state, prompts_for("llama", 8), word_reward("the"), steps=1, progress=False)[0]
     assert all(math.isfinite(v) for v in stats.values())
     assert stats["policy/first_minibatch_max_abs_logratio"] < 1e-5
     assert any(not torch.equal(p, lora_params(policy)[n]) for n, p in before.items())
@@ -369,3 +371,234 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     frozen = PeftModel.from_pretrained(loading.load_causal_lm("tiny:llama"), tmp_path / "adapter")  # not trainable
     with pytest.raises(ValueError, match="is_trainable=True"):
         ppo.setup(frozen, tok)
+
+
+# ----------------------------------------------------------------------------- config, score shaping
+@pytest.mark.parametrize("field,value,match", [
+    ("mini_batch_size", 0, "mini_batch_size must be an integer >= 1"), ("batch_size", 0, "batch_size"),
+    ("ppo_epochs", 0, "ppo_epochs must be an integer >= 1"), ("kl_coef", float("nan"), "kl_coef must be a finite"),
+    ("batch_size", 6, r"batch_size must be a multiple of mini_batch_size x gradient_accumulation_steps \(4 x 1\)"),
+    ("min_new_tokens", 20, r"min_new_tokens must be an integer in \[0, max_new_tokens=16\]"),
+    ("temperature", 0.0, "temperature must be > 0"), ("lam", 1.5, r"lam must be in \[0, 1\]"),
+    ("score_norm", "zscore", "score_norm must be one of"), ("score_clip", -1.0, "score_clip must be None or > 0"),
+    ("learning_rate", float("inf"), "learning_rate must be a finite number")])
+def test_config_validation_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=f"PPOConfig.{match}"):
+        PPOConfig(**{"mini_batch_size": 4, "max_new_tokens": 16, field: value})
+
+
+def test_running_moments_and_shape_scores_literal():
+    moments = ppo.RunningMoments()
+    none = torch.zeros(3, dtype=torch.bool)
+    # first batch [1, 2, 3]: mean 2, unbiased std 1 -> [-1, 0, 1]
+    shaped = ppo.shape_scores(torch.tensor([1.0, 2.0, 3.0]), moments, none, norm="norm", clip=None)
+    torch.testing.assert_close(shaped, torch.tensor([-1.0, 0.0, 1.0]))
+    # second batch [4, 5] joins: all five seen, mean 3, std sqrt(2.5) = 1.5811; clip 1.0; the truncated one -0.5
+    shaped = ppo.shape_scores(torch.tensor([4.0, 5.0]), moments, torch.tensor([False, True]), norm="norm",
+                              clip=1.0, truncation_penalty=0.5)
+    assert (moments.mean, moments.count) == (3.0, 5) and moments.std == pytest.approx(math.sqrt(2.5))
+    torch.testing.assert_close(shaped, torch.tensor([1 / math.sqrt(2.5), 1.0 - 0.5]))
+    scaled = ppo.shape_scores(torch.tensor([3.0]), moments, torch.tensor([False]), norm="scale", clip=None)
+    torch.testing.assert_close(scaled, torch.tensor([3.0]) / moments.std)   # std over the six: sqrt(2)
+    assert moments.std == pytest.approx(math.sqrt(2.0))
+    raw = ppo.shape_scores(torch.tensor([7.0]), ppo.RunningMoments(), torch.tensor([True]), norm="none", clip=5.0,
+                           truncation_penalty=1.0)
+    torch.testing.assert_close(raw, torch.tensor([4.0]))                      # clip 7 -> 5, then the penalty
+
+
+# ----------------------------------------------------------------------------- an SFT start with marker rows
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory):
+    """A tiny SAWYER SFT adapter: the three markers as new tokens (trainable rows in the adapter), trained LoRA."""
+    from sawyer import lora, tokens
+
+    torch.manual_seed(0)
+    model, tok = loading.load_causal_lm("tiny:llama"), loading.load_tokenizer("tiny:llama")
+    ids = tokens.add_special_tokens(model, tok)
+    sft = lora.add_lora(model, lora.lora_config(model, r=8, alpha=16, dropout=0.0, targets="qv",
+                                                 trainable_token_indices=tokens.token_indices_for_lora(model, ids)))
+    perturb_lora(sft, scale=0.1)
+    folder = tmp_path_factory.mktemp("sft") / "adapter"
+    tokens.save_adapter(sft, tok, folder)
+    return folder
+
+
+def sft_policy(folder, *, human_bias: float = 0.0):
+    """The SFT adapter as a trainable policy plus itself frozen as reference (as notebook 04 builds them).
+    ``human_bias`` raises the ``###HUMAN###`` logit (a forward hook on lm_head, seen by every pass)."""
+    from sawyer import chat, tokens
+
+    torch.manual_seed(0)
+    policy, tok = tokens.load_adapter("tiny:llama", folder, is_trainable=True)
+    if human_bias:
+        human = tok.convert_tokens_to_ids(chat.HUMAN)
+
+        def bias(module, args, out):
+            out = out.clone()
+            out[..., human] += human_bias
+            return out
+        policy.get_base_model().get_output_embeddings().register_forward_hook(bias)
+    return policy, tok
+
+
+def test_sft_start_needs_an_explicit_reference_and_leaves_no_stray_gradients(sft_folder):
+    from sawyer import chat
+
+    policy, tok = sft_policy(sft_folder)
+    with pytest.raises(ValueError, match="SFT start: it carries trainable token rows.*add_frozen_reference_adapter"):
+        ppo.setup(policy, tok, PPOConfig(max_new_tokens=6))
+    ref = ppo.add_frozen_reference_adapter(policy, sft_folder)
+    cfg = PPOConfig(learning_rate=1e-2, mini_batch_size=4, max_new_tokens=6, gradient_checkpointing=False)
+    state = ppo.setup(policy, tok, cfg, ref_adapter=ref, stop_token_ids=chat.stop_token_ids(tok))
+    in_optimizer = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+    batch = ppo.rollout(state, prompts_for("llama", 8))
+    torch.testing.assert_close(batch.ref_logprobs, batch.logprobs, atol=1e-6, rtol=0)  # step-0 KL is 0
+    for _ in range(2):
+        ppo.update(state, batch, torch.rand(8))
+        batch = ppo.rollout(state, prompts_for("llama", 8))
+        stray = [n for n, p in policy.named_parameters()
+                 if id(p) not in in_optimizer and (p.requires_grad or p.grad is not None)]
+        assert not stray, f"outside the optimiser, these require or hold gradients: {stray[:4]}"
+    assert any("trainable_tokens_delta" in n for n, _ in policy.named_parameters()), "the test needs marker rows"
+
+
+def test_a_response_stops_at_an_invented_human_turn(sft_folder):
+    from sawyer import chat
+
+    policy, tok = sft_policy(sft_folder, human_bias=4.0)
+    human = tok.convert_tokens_to_ids(chat.HUMAN)
+    stops = chat.stop_token_ids(tok)
+    assert {tok.convert_tokens_to_ids(m) for m in chat.MARKERS} <= set(stops)
+    ref = ppo.add_frozen_reference_adapter(policy, sft_folder)
+    state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=12, min_new_tokens=1), ref_adapter=ref,
+                      stop_token_ids=stops)
+    batch = ppo.rollout(state, [chat.format_prompt(p) for p in prompts_for("llama", 8)])
+    ended_at_human = 0
+    for b in range(len(batch)):
+        ids = batch.response_ids[b][batch.mask[b] > 0].tolist()
+        assert human not in ids[:-1], "nothing after an invented ###HUMAN###"
+        if ids[-1] == human:
+            ended_at_human += 1
+            assert not batch.truncated[b]
+            assert batch.responses[b] == tok.decode(ids[:-1], skip_special_tokens=True).strip()
+        assert not any(m in batch.responses[b] for m in chat.MARKERS)
+    assert ended_at_human >= 2, "the test needs responses that invent a human turn"
+
+
+# ----------------------------------------------------------------------------- rollout = generate's distribution
+def make_gpt2_policy():
+    """GPT-2 has absolute position embeddings: dropping position_ids under left padding changes its outputs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = loading.load_tokenizer("tiny:llama")
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True,
+                                           task_type="CAUSAL_LM")), tok
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_rollout_logprobs_are_the_distribution_generate_sampled_from(kind):
+    """Compares with generate()'s processed scores (temperature, min_new_tokens' ban applied): catches a training
+    pass that drops min_new_tokens, position_ids under left padding (GPT-2), or the temperature."""
+    policy, tok = make_gpt2_policy() if kind == "gpt2" else make_policy(kind, lora_dropout=0.0)
+    perturb_lora(policy)
+    cfg = PPOConfig(temperature=0.7, min_new_tokens=3, max_new_tokens=8, mini_batch_size=4)
+    prompts = prompts_for("t5" if kind == "t5" else "llama", 8)
+    prompts[1] = prompts[1] + " and then they all went home after a very long day"  # left padding for the rest
+    probe = ppo.rollout(ppo.setup(policy, tok, cfg, base_reference=True), prompts)
+    frequent = [t for t, _ in Counter(probe.response_ids[:, :3].flatten().tolist()).most_common(2)]
+    state = ppo.setup(policy, tok, cfg, base_reference=True, stop_token_ids=frequent)  # stops worth banning
+    captured = {}
+    generate = policy.generate
+
+    def generate_with_scores(**kwargs):
+        out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        captured["scores"] = out.scores
+        return out.sequences
+    policy.generate = generate_with_scores
+    batch = ppo.rollout(state, prompts)
+    scores = torch.stack(captured["scores"], 1)                                 # (B, T, V), processed
+    expected = torch.log_softmax(scores.float(), -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    assert (batch.prompt_mask == 0).any(), "the test needs left padding"
+    torch.testing.assert_close(batch.logprobs, expected * batch.mask, atol=2e-5, rtol=0)
+
+
+def test_values_read_the_state_that_predicts_each_token():
+    policy, tok = make_policy("llama", lora_dropout=0.0)
+    state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=6, mini_batch_size=4))
+    with torch.no_grad():
+        state.value_head.weight.normal_()
+    batch = ppo.rollout(state, prompts_for("llama", 8))
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    attention = torch.cat([batch.prompt_mask, torch.ones_like(batch.response_ids)], 1)
+    with torch.no_grad():
+        hidden = policy(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                        output_hidden_states=True).hidden_states[-1]
+        p = batch.prompt_ids.shape[1]
+        expected = state.value_head(hidden[:, p - 1:-1]).squeeze(-1)  # the state after prompt + response[:t]
+    torch.testing.assert_close(batch.values, expected * batch.mask, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the update's gradients
+def record_gradients(state):
+    """Wrap the optimiser's step so each call records the gradients it is about to apply."""
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    steps, step = [], state.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        steps.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+        return step(*args, **kwargs)
+    state.optimizer.step = recording_step
+    return steps
+
+
+def test_gradient_accumulation_equals_one_larger_minibatch():
+    """2 minibatches of 2, accumulated, give the gradient of one minibatch of 4 (equal lengths: min = max)."""
+    cfg = dict(learning_rate=1e-2, ppo_epochs=1, min_new_tokens=5, max_new_tokens=5, gradient_checkpointing=False,
+               max_grad_norm=None)
+    states = []
+    for mb, ga in ((2, 2), (4, 1)):
+        policy, tok = make_policy("llama", lora_dropout=0.0)
+        states.append(ppo.setup(policy, tok, PPOConfig(mini_batch_size=mb, gradient_accumulation_steps=ga, **cfg)))
+    batch = ppo.rollout(states[0], prompts_for("llama", 8))
+    assert batch.mask.eq(1).all()
+    grads = [record_gradients(s) for s in states]
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])
+    for s in states:
+        ppo.update(s, batch, scores)
+    assert len(grads[0]) == len(grads[1]) == 2, "8 samples / (2 x 2) and 8 / (4 x 1): two optimiser steps each"
+    for accumulated, single in zip(grads[0], grads[1]):
+        for a, b in zip(accumulated, single):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fp16_policy_gradients_match_fp32():
+    """An fp16 policy's PPO step, with fp32 LoRA masters and loss scaling, gives the fp32 gradients within a
+    relative error of 2e-2 (measured ~3e-3 on CPU in torch 2.13); the loss scale grows past 1."""
+    import copy
+
+    states = []
+    base = loading.load_causal_lm("tiny:llama")
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        policy = get_peft_model(copy.deepcopy(base).to(dtype), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                                         target_modules=["q_proj", "v_proj"]))
+        perturb_lora(policy, scale=0.1)
+        cfg = PPOConfig(learning_rate=1e-3, ppo_epochs=1, max_new_tokens=6, gradient_checkpointing=False,
+                        max_grad_norm=1.0)  # clipping must see unscaled gradients
+        states.append(ppo.setup(policy, loading.load_tokenizer("tiny:llama"), cfg, base_reference=True))
+    fp32, fp16 = states
+    assert not fp32.scaler.is_enabled() and fp16.scaler.is_enabled()
+    assert all(p.dtype == torch.float32 for g in fp16.optimizer.param_groups for p in g["params"])
+    batch = ppo.rollout(fp32, prompts_for("llama", 8))
+    grads = [record_gradients(s) for s in states]
+    for s in states:
+        ppo.update(s, batch, torch.tensor([0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6]))
+    g32, g16 = (torch.cat([g.flatten() for g in gs[0]]) for gs in grads)
+    rel = ((g16 - g32).norm() / g32.norm()).item()
+    print(f"fp16 vs fp32 LoRA/value-head gradient relative error: {rel:.2e}")
+    assert rel < 2e-2 and g32.norm() > 0
+    assert fp16.scaler.get_scale() > 1
