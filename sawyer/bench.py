@@ -54,14 +54,14 @@ NF4_BYTES = 4.127 / 8
 
 # ============================================================================ 1. the model folder
 def model_folder(a) -> Path:
-    """The random-weight Llama folder of ``a``'s shape: ``--model`` if given, else built once under runs/bench."""
+    """The random-weight Llama folder of ``a``'s shape: ``--model`` if given, else built once in ``--models``."""
     if a.model:
         folder = Path(a.model)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"--model {folder}: no config.json there; leave --model out to build one")
         return folder
     kv = a.kv or a.heads
-    folder = ROOT / "runs" / "bench" / f"llama-h{a.hidden}-l{a.layers}-a{a.heads}-kv{kv}-i{a.inter}-v{a.vocab}"
+    folder = Path(a.models) / f"llama-h{a.hidden}-l{a.layers}-a{a.heads}-kv{kv}-i{a.inter}-v{a.vocab}"
     if not (folder / "config.json").exists():
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,7 +136,8 @@ def worker(a) -> None:
                "score": stats["time/score"], "train": stats["time/train"], "total": total}
         rec["other"] = total - sum(rec[p] for p in PHASES[:-1])
         print("STEP " + json.dumps(rec), flush=True)
-    result = {"impl": "ours", "load_s": load_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    result = {"impl": "ours", "load_s": load_s, "peak_rss_mib": rss,
               "peak_gpu_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
               "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "gradient_checkpointing": bool(a.checkpointing), "fourbit": fourbit}
@@ -236,7 +237,8 @@ def markdown(report: dict) -> str:
              f"{cfg['prompt']}-token prompts, {cfg['new']} new tokens; {cfg['rounds']} rounds x {cfg['steps']} steps "
              f"(first discarded); {cfg['threads']} threads; gradient checkpointing "
              f"{'on' if cfg['checkpointing'] else 'off'}; device {cfg['device']}.", "",
-             "| side | step s | generate | log-probs | score | train | other | peak RSS MiB |" + (" peak GPU GiB |" if gpu else ""),
+             "| side | step s | generate | log-probs | score | train | other | peak RSS MiB |"
+             + (" peak GPU GiB |" if gpu else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for side, v in s["sides"].items():
         row = [side, cell(v["total"]), *(cell(v[p]) for p in PHASES), f"{v['peak_rss_mib']:.0f}"]
@@ -341,6 +343,7 @@ def parse(argv=None) -> argparse.Namespace:
     for k, v in dict(hidden=512, layers=4, heads=8, kv=0, inter=1408, vocab=32000).items():
         ap.add_argument(f"--{k}", type=int, default=v, help="model shape (kv 0: = heads)")
     ap.add_argument("--model", help="an existing Llama folder instead of building one from the shape")
+    ap.add_argument("--models", default=str(ROOT / "runs" / "bench"), help="where built model folders are kept")
     for k, v in dict(batch=8, prompt=64, new=64, steps=3, rounds=3, threads=2, checkpointing=1, fourbit=1,
                      timeout=3600).items():
         ap.add_argument(f"--{k}", type=int, default=v)
