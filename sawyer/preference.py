@@ -143,7 +143,11 @@ def sync_reference(model, adapter: str = "default", reference: str = "ref") -> i
 
 def train_only_lora(model, adapter: str = "default") -> list[str]:
     """Freeze everything except ``adapter``'s LoRA matrices (as ``sawyer.ppo.setup`` does for PPO), so the three
-    methods train the same parameters; the marker rows keep their SFT values. Returns the trainable names."""
+    methods train the same parameters; the marker rows keep their SFT values. Returns the trainable names.
+
+    Call it before building a TRL trainer too: on a 4-bit base, TRL casts every trainable parameter to bf16
+    (QLoRA's recipe), which would round the frozen-to-be marker rows (seen with trl 1.16.0: the saved rows
+    no longer equalled SFT's). The LoRA matrices are put back in fp32 here (a T4 has no bf16)."""
     own_lora = re.compile(rf"\.lora_\w+\.{re.escape(adapter)}(\.|$)")
     names = []
     for name, p in model.named_parameters():
@@ -268,7 +272,7 @@ def _run(trainer, policy, progress: bool) -> dict:
 
     _keep_4bit_trainable_on_cpu(policy)
     sync_reference(policy)               # the frozen "ref" adapter = the SFT adapter, marker rows included
-    trainable = train_only_lora(policy)  # after the trainer's init, which adds "ref" and may recast dtypes
+    trainable = train_only_lora(policy)  # again after TRL's init: "ref" frozen, LoRA back in fp32
     if not progress:
         trainer.remove_callback(PrinterCallback)
     with Cost() as cost:
@@ -296,6 +300,7 @@ def train_dpo(policy, tokenizer, examples: list[dict], cfg, output_dir, *, progr
             return dataset
 
     allow_fused_lm_head(policy)
+    train_only_lora(policy)  # before TRL's init, which casts whatever is trainable to bf16 on a 4-bit base
     args = DPOConfig(beta=cfg.beta, per_device_train_batch_size=cfg.batch_size, max_length=None,
                      disable_dropout=True, remove_unused_columns=False, **_common_args(cfg, output_dir, progress))
     trainer = TokenizedDPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(examples),
@@ -323,6 +328,7 @@ def train_grpo(policy, tokenizer, prompts: list[str], reward: GRPOReward, cfg, o
     if cfg.beta <= 0:
         raise ValueError("GRPO beta must be > 0 here: the comparison keeps a KL term to the SFT model, as PPO does")
     allow_fused_lm_head(policy)
+    train_only_lora(policy)  # before TRL's init, which casts whatever is trainable to bf16 on a 4-bit base
     policy.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
     args = GRPOConfig(beta=cfg.beta, num_generations=cfg.group_size,
                       per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,

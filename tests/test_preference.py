@@ -231,3 +231,24 @@ def test_markdown_table():
 
     table = preference.markdown_table(pd.DataFrame({"a": [1.23456, 2.0]}, index=["x", "y"]))
     assert table == "|  | a |\n| --- | --- |\n| x | 1.235 |\n| y | 2 |\n"
+
+
+def test_4bit_base_trains_lora_through_the_quantised_layers_and_keeps_marker_rows(sft_adapter, tmp_path):
+    """The GPU path (4-bit NF4 base) on bitsandbytes' CPU backend: TRL casts trainable parameters to bf16 on a
+    quantised model; the marker rows must not be among them (they would come back rounded), and the gradient
+    must reach the first layer's LoRA through the 4-bit layers above it."""
+    from sawyer.loading import is_4bit
+
+    policy, tok = tokens.load_adapter(TINY.sft.base_model, sft_adapter, load_in_4bit=True, is_trainable=True)
+    assert is_4bit(policy)
+    sft_rows = preference.marker_rows(policy, tok)
+    pairs = data.load_comparisons(TINY.reward.comparison_file, max_items=12)
+    examples, _ = preference.dpo_examples(pairs, tok, 128)
+    before = snapshot(policy)
+    cfg = dataclasses.replace(TINY.dpo, steps=2, batch_size=2, learning_rate=1e-2, load_in_4bit=True)
+    result = preference.train_dpo(policy, tok, examples, cfg, tmp_path / "dpo", progress=False)
+    assert result["log"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    changed = moved(policy, before)
+    assert all(".lora_" in n for n in changed) and any(".layers.0." in n for n in changed), changed
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    assert torch.equal(preference.marker_rows(policy, tok), sft_rows)
