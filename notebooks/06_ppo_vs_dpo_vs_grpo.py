@@ -30,9 +30,10 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-04); False: local
 dpo_steps = None      # DPO optimiser steps (None: the preset's, PPO's budget)
 grpo_steps = None     # GRPO steps (None: the preset's, as many sampled answers as PPO)
+resume = True         # accepted like every notebook's; 06 keeps no checkpoint (a re-run trains again from SFT)
 seed = 42
 
 # %% [markdown]
@@ -74,7 +75,7 @@ grpo_cfg = dataclasses.replace(course.grpo, seed=seed, **({} if grpo_steps is No
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
 stage = runs.start_stage(run, "06_preference", settings={"dpo": dataclasses.asdict(dpo_cfg),
                                                          "grpo": dataclasses.asdict(grpo_cfg), "seed": seed},
-                         needs=("02_sft", "03_reward_model", "04_ppo"), resume=False)
+                         needs=("02_sft", "03_reward_model", "04_ppo"), resume=resume)
 out = stage.folder
 sft_adapter = run / "02_sft" / "adapter"
 base_model = course.sft.base_model
@@ -386,8 +387,9 @@ display(Markdown("\n\n".join(lines)))
 #   reward model that can be exploited: a rising reward with longer answers (section 7) is length bias at work, not
 #   better answers. GRPO drops PPO's value head and pays with several samples per prompt.
 # - **Reward is the reward model's opinion.** Every "better" above is measured by the same reward model that
-#   PPO and GRPO optimised, so they are graded by their own teacher; DPO is not. A fair referee would be a
-#   different judge (people, or a stronger model), which this notebook does not have.
+#   PPO and GRPO optimised, so they are graded by their own teacher; DPO never saw it (it learned from the same
+#   pairs the reward model learned from, which is the fair part). A fair referee would be a different judge
+#   (people, or a stronger model), which this notebook does not have.
 # - **What the numbers here do not show.** One seed, small budgets, a few dozen prompts: a difference whose
 #   confidence interval includes 0 is no difference. On the `tiny` preset the models are toys trained for seconds
 #   and the numbers only show that the pipeline runs; on `cpu`, `t4` or `a100` they begin to mean something, and even
