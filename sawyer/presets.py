@@ -178,7 +178,7 @@ class SawyerPPOConfig:
     reward_batch_size: int = 16
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2, kl_coef=0.2, adaptive_kl=True,
-        kl_target=6.0, min_new_tokens=128, max_new_tokens=256))
+        kl_target=6.0, min_new_tokens=4, max_new_tokens=192))  # original: each batch's max drawn from [128, 256)
 
     def __post_init__(self):
         validate.text(self, "dataset")
@@ -271,7 +271,7 @@ def _t4() -> Preset:
                             max_steps=400),
         ppo=SawyerPPOConfig(n_prompts=600, n_test=100, steps=40, checkpoint_every=10,
                             ppo=PPOConfig(learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2,
-                                          min_new_tokens=16, max_new_tokens=96)),
+                                          min_new_tokens=4, max_new_tokens=96)),
         eval=EvalConfig(n_test=100, max_new_tokens=96, max_questions=200),
     )
 

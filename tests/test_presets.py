@@ -26,7 +26,9 @@ def test_a100_keeps_the_original_workshop_settings():
     assert (split_revision(p.reward.base_model)[0], p.reward.learning_rate, p.reward.epochs) == \
         ("FacebookAI/roberta-base", 1e-6, 3.0)
     assert p.ppo.ppo.learning_rate == 1.41e-5 and p.ppo.ppo.batch_size == 8 and p.ppo.ppo.ppo_epochs == 2
-    assert (p.ppo.ppo.min_new_tokens, p.ppo.ppo.max_new_tokens) == (128, 256)
+    # the original drew each batch's max from [128, 256) with a small minimum (issue 12: a minimum of 128 forced
+    # answers the SFT model would have ended)
+    assert (p.ppo.ppo.min_new_tokens, p.ppo.ppo.max_new_tokens) == (4, 192)
     assert (p.ppo.n_prompts, p.ppo.n_test, p.ppo.max_prompt_tokens) == (2000, 200, 128)
     assert split_revision(p.summary.policy)[0] == "google/flan-t5-small" and p.summary.ppo.learning_rate == 2e-5
     assert (p.summary.cola_weight, p.summary.sentiment_weight) == (1.0, 0.5)
