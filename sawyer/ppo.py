@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sawyer import validate
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
                              policy_loss, shape_scores, value_loss)
@@ -127,35 +128,26 @@ class PPOConfig:
     truncation_penalty: float = 1.0
     seed: int = 0
 
-    def __post_init__(self):
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
-        def real(name: str) -> float:
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 name, "a finite number")
-            return value
-
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "kl_horizon",
-                     "max_new_tokens", "logprob_chunk_size"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        need(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-             "min_new_tokens", f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
-        need(self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps) == 0, "batch_size",
-             f"a multiple of mini_batch_size x gradient_accumulation_steps ({self.mini_batch_size} x "
-             f"{self.gradient_accumulation_steps})")
-        for name in ("learning_rate", "kl_target", "cliprange", "cliprange_value", "temperature"):
-            need(real(name) > 0, name, "> 0")
-        for name in ("kl_coef", "vf_coef", "truncation_penalty"):
-            need(real(name) >= 0, name, ">= 0")
-        for name in ("gamma", "lam"):
-            need(0 <= real(name) <= 1, name, "in [0, 1]")
+    def __post_init__(self):  # a bad value fails here (and on dataclasses.replace), naming the field
+        validate.integer(self, "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                         "kl_horizon", "max_new_tokens", "logprob_chunk_size")
+        validate.integer(self, "min_new_tokens", "seed", low=0)
+        validate.number(self, "learning_rate", "kl_target", "cliprange", "cliprange_value", "temperature", low=0,
+                        low_open=True)
+        validate.number(self, "kl_coef", "vf_coef", "truncation_penalty", low=0)
+        validate.number(self, "gamma", "lam", low=0, high=1)
         for name in ("max_grad_norm", "score_clip"):
-            need(getattr(self, name) is None or real(name) > 0, name, "None or > 0")
-        need(self.score_norm in ("norm", "scale", "none"), "score_norm", 'one of "norm", "scale", "none"')
-
+            if getattr(self, name) is not None:
+                validate.number(self, name, low=0, low_open=True)
+        validate.choice(self, "score_norm", ("norm", "scale", "none"))
+        validate.flag(self, "adaptive_kl", "gradient_checkpointing", "whiten_rewards")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise validate.ConfigError(f"PPOConfig.min_new_tokens must be an integer in [0, max_new_tokens="
+                                       f"{self.max_new_tokens}], got {self.min_new_tokens}")
+        if self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
+            raise validate.ConfigError(f"PPOConfig.batch_size must be a multiple of mini_batch_size x gradient_"
+                                       f"accumulation_steps ({self.mini_batch_size} x "
+                                       f"{self.gradient_accumulation_steps}), got {self.batch_size}")
 
 
 # ============================================================================ state and set-up
