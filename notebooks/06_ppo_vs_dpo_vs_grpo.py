@@ -30,7 +30,7 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-04); False: local
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-05); False: local
 dpo_steps = None      # DPO optimiser steps (None: the preset's, PPO's budget)
 grpo_steps = None     # GRPO steps (None: the preset's, as many sampled answers as PPO)
 resume = True         # accepted like every notebook's; 06 keeps no checkpoint (a re-run trains again from SFT)
@@ -38,18 +38,22 @@ seed = 42
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: about 1-2 minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # ~1-2 min on a fresh VM, instant after that
 
 # %%
 import contextlib
