@@ -133,8 +133,16 @@ else:
 #    training pass must compute the log-probs of the very distribution that sampled), and record the
 #    log-probs under the policy and the reference, and the value head's estimates;
 # 2. `score`: the reward model's logit for each (question, answer);
-# 3. `update`: per-token reward $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the score on the last token; GAE
-#    advantages; then PPO epochs of the clipped objective on minibatches.
+# 3. `update`: the score is first *shaped*: normalised by running statistics (mean 0, std 1 over every score so
+#    far; raw logits sit far from the value head's starting 0), clipped to $\pm 3$, and lowered by 1 for an
+#    answer cut off at the length limit without `###STOP###` (rambling must not pay); then the per-token reward
+#    $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the shaped score on the last token; GAE advantages; then PPO
+#    epochs of the clipped objective on minibatches. An answer that starts a new `###HUMAN###` turn ends there.
+#
+# **The KL coefficient $\beta$, honestly:** the "adaptive" controller multiplies $\beta$ by at most
+# $1 \pm 0.2 \cdot 8/10000$ per step at batch 8, i.e. 0.016%. Over the original's 450 steps $\beta$ stayed
+# within 0.186-0.215. It does not steer the KL towards its target at this scale; it is a fixed $\beta$ with a
+# slow drift. The plot shows $\beta$ (`objective/kl_coef`) next to the KL so you can see it.
 #
 # **What the KL term protects:** without it, the policy would drift to whatever the reward model over-rates
 # (for this one: length, see notebook 03) and forget how to hold a conversation. **What to look for:** the
@@ -160,20 +168,23 @@ for step in range(state.step, cfg.steps):
         clear_output(wait=True)
         print(f"step {state.step}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f},"
               f" beta {stats['objective/kl_coef']:.3f}")
-        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "response/length"),
-                                      path=out / "training_curves.png"))
+        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "objective/kl_coef",
+                                                     "response/length"), path=out / "training_curves.png"))
         display(pd.DataFrame(samples[-6:]))
 
 # %% [markdown]
 # ## 5. What PPO logged
 # Every step's statistics are in `04_ppo/ppo_log.jsonl` (`sawyer.plots.redraw_run` redraws all figures from
 # such logs). `policy/clipfrac` above ~0.2 means steps are too big; `val/explained_variance` near 1 means the
-# value head predicts the returns well.
+# value head predicts the returns well (it starts near 0, and stays there if the head cannot tell good answers
+# from bad ones before they are written: on `tiny` it has only a handful of steps); `response/truncated` is the
+# share of answers cut off by the length limit.
 
 # %%
 log = pd.DataFrame(history).set_index("step")
-display(log[["objective/score", "objective/kl", "objective/kl_coef", "policy/clipfrac", "policy/approx_kl",
-             "val/explained_variance", "response/length", "time/generate", "time/train"]].round(3).tail(10))
+display(log[["objective/score", "objective/shaped_score", "objective/kl", "objective/kl_coef", "policy/clipfrac",
+             "policy/approx_kl", "val/explained_variance", "response/length", "response/truncated", "time/generate",
+             "time/train"]].round(3).tail(10))
 display(plots.training_curves(history, keys=("policy/clipfrac", "policy/approx_kl", "loss/value",
                                              "val/explained_variance"), path=out / "ppo_diagnostics.png"))
 
