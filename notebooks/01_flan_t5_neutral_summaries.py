@@ -30,7 +30,9 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # run folder shared by notebooks 01-05 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (survives a disconnect); False: local
+resume = True         # continue an interrupted run from its checkpoint (only if nothing it was built from changed)
+checkpoint_every = None  # steps between checkpoints in the stage folder (None: about 10 per run)
 steps = None          # PPO steps (None: the preset's); the knob that decides the time on a T4
 plot_every = 5        # redraw the live reward/KL curves every N steps
 seed = 0
@@ -66,7 +68,8 @@ from sawyer import checkpoints, data, evaluation, loading, lora, plots, ppo
 from sawyer.check import preflight
 from sawyer.presets import get_preset
 from sawyer.reward import summary_reward
-from sawyer.workshop import finish_stage, resolve_run_dir, stage_dir
+from sawyer import runs
+from sawyer.workshop import finish_stage, resolve_run_dir
 
 course = get_preset(preset)
 preflight(course)
@@ -74,7 +77,10 @@ cfg = course.summary
 if steps is not None:
     cfg = dataclasses.replace(cfg, steps=int(steps))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
-out = stage_dir(run, "01_summaries")
+# the stage: locked, DONE removed until it finishes, checkpoint kept only if settings are unchanged (sawyer.runs)
+stage = runs.start_stage(run, "01_summaries", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=resume,
+                         ignore=("steps",))
+out = stage.folder
 torch.manual_seed(seed)
 print(f"run folder: {out}")
 
@@ -157,20 +163,24 @@ print(before[:3])
 
 # %%
 state = ppo.setup(policy, tokenizer, dataclasses.replace(cfg.ppo, seed=seed), run_dir=out)
-history = []
-for step in range(cfg.steps):
+if stage.resume and checkpoints.has_checkpoint(out / "checkpoint"):  # an interrupted run: continue it exactly
+    checkpoints.load_checkpoint(state, out / "checkpoint")
+    print(f"resumed at step {state.step}")
+history = runs.read_log(out / "ppo_log.jsonl", max_step=state.step)
+every = checkpoint_every or checkpoints.interval(cfg.steps)
+for step in range(state.step, cfg.steps):
     prompts = checkpoints.prompt_batch(train_prompts, step, cfg.ppo.batch_size, seed)
     batch = ppo.rollout(state, prompts)                # 1. sample summaries (+ log-probs, reference, values)
     scores = ppo.score(state, batch, reward_fn)        # 2. the classifiers' reward, on text
     stats = ppo.update(state, batch, scores)           # 3-6. KL penalty, GAE, clipped PPO update
     history.append(stats)
+    if state.step % every == 0 or state.step == cfg.steps:
+        checkpoints.save_checkpoint(state, out / "checkpoint")
     if (step + 1) % plot_every == 0 or step + 1 == cfg.steps:
         clear_output(wait=True)
-        print(f"step {step + 1}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f}, "
-              f"beta {stats['objective/kl_coef']:.4f}")
-        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "objective/kl_coef"),
+        print(f"step {step + 1}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f}")
+        display(plots.training_curves(history, keys=("objective/score", "objective/kl"),
                                       path=out / "training_curves.png"))
-checkpoints.save_checkpoint(state, out / "checkpoint")
 policy.save_pretrained(out / "adapter")
 
 # %% [markdown]
@@ -225,9 +235,7 @@ display(plots.word_shift_bars(shift, path=out / "word_shift.png"))
 # - **Reward hacking.** The policy optimises the classifiers, not "quality". Short, bland sentences are very
 #   grammatical and very neutral; watch `response/length` and read the summaries, not only the scores.
 # - **The KL coefficient** is the leash: too small and the summaries drift into classifier bait; too large
-#   and nothing changes. The "adaptive" controller aims at a KL target (6 nats per summary here), but at batch
-#   8 it moves beta by at most 0.016% per step (0.2 drifted only to 0.186-0.215 over the original's 450 steps):
-#   in a workshop-length run beta is effectively fixed, so choose it; the `objective/kl_coef` panel shows it.
+#   and nothing changes. The adaptive controller steers the KL towards a target (6 nats per summary here).
 # - **Small evaluations lie.** With a few dozen texts, look at the confidence interval before the mean.
 
 # %%

@@ -27,7 +27,9 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # run folder shared by notebooks 01-05 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (survives a disconnect); False: local
+resume = True         # continue an interrupted run from its checkpoint (only if nothing it was built from changed)
+checkpoint_every = None  # steps between checkpoints in the stage folder (None: about 10 per run)
 max_steps = None      # SFT optimiser steps (None: the preset's); the knob that decides the time on a T4
 seed = 42
 
@@ -48,15 +50,16 @@ if "google.colab" in sys.modules:
 
 # %%
 import dataclasses
+import math
 
 import pandas as pd
 import torch
 from IPython.display import display
 
-from sawyer import chat, data, plots, sft, tokens
+from sawyer import chat, checkpoints, data, plots, runs, sft, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
-from sawyer.workshop import finish_stage, resolve_run_dir, stage_dir
+from sawyer.workshop import finish_stage, resolve_run_dir
 
 course = get_preset(preset)
 preflight(course)
@@ -65,7 +68,9 @@ cfg = course.sft
 if max_steps is not None:
     cfg = dataclasses.replace(cfg, max_steps=int(max_steps))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
-out = stage_dir(run, "02_sft")
+# the stage: locked, DONE removed until it finishes, checkpoint kept only if settings are unchanged (sawyer.runs)
+stage = runs.start_stage(run, "02_sft", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=resume)
+out = stage.folder
 torch.manual_seed(seed)
 print(f"base model: {cfg.base_model}; run folder: {out}")
 
@@ -136,7 +141,11 @@ before = sft.generate(model, tokenizer, questions, max_new_tokens=48)
 # trainable too. The eval loss is measured on the assistant replies only, before and after.
 
 # %%
-result = sft.train_sft(model, tokenizer, train_examples, eval_examples, cfg, output_dir=out / "trainer")
+total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+    cfg.epochs * math.ceil(len(train_examples) / cfg.batch_size) / cfg.gradient_accumulation_steps)
+result = sft.train_sft(model, tokenizer, train_examples, eval_examples, cfg, output_dir=out / "trainer",
+                       save_steps=checkpoint_every or checkpoints.interval(total_steps),
+                       resume_from_checkpoint=stage.resume)  # True: continue from the last checkpoint-N, if any
 print(f"eval loss {result['eval_loss_before']:.3f} -> {result['eval_loss_after']:.3f} in {result['steps']} steps")
 losses = [{"step": r["step"], "loss/train": r["loss"]} for r in result["log_history"] if "loss" in r]
 display(plots.training_curves(losses, keys=("loss/train",), path=out / "sft_loss.png", title="SFT training loss"))

@@ -30,7 +30,9 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # run folder shared by notebooks 01-05 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (survives a disconnect); False: local
+resume = True         # continue an interrupted run from its checkpoint (only if nothing it was built from changed)
+checkpoint_every = None  # steps between checkpoints in the stage folder (None: 4 per run: each is the whole model)
 max_steps = None      # optimiser steps (None: the preset's epochs); the knob that decides the time on a T4
 seed = 42
 
@@ -51,15 +53,16 @@ if "google.colab" in sys.modules:
 
 # %%
 import dataclasses
+import math
 
 import pandas as pd
 import torch
 from IPython.display import display
 
-from sawyer import data, loading, plots, reward
+from sawyer import checkpoints, data, loading, plots, reward, runs
 from sawyer.check import preflight
 from sawyer.presets import get_preset
-from sawyer.workshop import finish_stage, resolve_run_dir, stage_dir
+from sawyer.workshop import finish_stage, resolve_run_dir
 
 course = get_preset(preset)
 preflight(course)
@@ -67,7 +70,9 @@ cfg = dataclasses.replace(course.reward, seed=seed)
 if max_steps is not None:
     cfg = dataclasses.replace(cfg, max_steps=int(max_steps))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
-out = stage_dir(run, "03_reward_model")
+# the stage: locked, DONE removed until it finishes, checkpoint kept only if settings are unchanged (sawyer.runs)
+stage = runs.start_stage(run, "03_reward_model", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=resume)
+out = stage.folder
 torch.manual_seed(seed)
 print(f"reward-model base: {cfg.base_model}; run folder: {out}")
 
@@ -104,7 +109,10 @@ print(f"held-out pairwise accuracy before training: {acc_before:.3f}")
 # zero longer, because "better by 7 points" must become a big reward gap, not just any gap.
 
 # %%
-log = reward.train_reward_model(model, tokenizer, train_pairs, cfg, eval_pairs=eval_pairs, run_dir=out)
+total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size))
+log = reward.train_reward_model(model, tokenizer, train_pairs, cfg, eval_pairs=eval_pairs, run_dir=out,
+                                checkpoint_dir=out / "checkpoint", resume=stage.resume,
+                                checkpoint_every=checkpoint_every or checkpoints.interval(total_steps, 4))
 display(plots.training_curves(log, keys=("loss/pairwise", "train/accuracy"), path=out / "reward_training.png",
                               title="Reward-model training"))
 acc_after = reward.pairwise_accuracy(model, tokenizer, eval_pairs, max_length=cfg.max_length)

@@ -26,9 +26,9 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # the run folder of notebooks 02 and 03 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (survives a disconnect); False: local
 steps = None          # PPO steps (None: the preset's); the knob that decides the time on a T4
-resume = True         # continue from run_dir/04_ppo/checkpoint when an earlier run was interrupted
+resume = True         # continue from run_dir/04_ppo/checkpoint if interrupted (only if nothing it was built from changed)
 plot_every = 2        # redraw the live curves every N steps
 seed = 42
 
@@ -55,11 +55,11 @@ import pandas as pd
 import torch
 from IPython.display import clear_output, display
 
-from sawyer import chat, checkpoints, data, loading, plots, ppo, tokens
+from sawyer import chat, checkpoints, data, loading, plots, ppo, runs, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
 from sawyer.reward import CrossEncoderReward
-from sawyer.workshop import finish_stage, require_stages, resolve_run_dir, stage_dir
+from sawyer.workshop import finish_stage, resolve_run_dir
 
 course = get_preset(preset)
 preflight(course)
@@ -68,8 +68,11 @@ cfg = course.ppo
 if steps is not None:
     cfg = dataclasses.replace(cfg, steps=int(steps))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
-require_stages(run, "02_sft", "03_reward_model")
-out = stage_dir(run, "04_ppo")
+# the stage: locked, DONE removed until it finishes; it records which 02/03 outputs it is built from, and a
+# checkpoint is resumed only if those and the settings are unchanged (sawyer.runs)
+stage = runs.start_stage(run, "04_ppo", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=resume,
+                         needs=("02_sft", "03_reward_model"), ignore=("steps", "checkpoint_every", "sample_every"))
+out = stage.folder
 sft_adapter = run / "02_sft" / "adapter"
 print(f"SFT adapter: {sft_adapter}\nreward model: {run / '03_reward_model' / 'model'}\nrun folder: {out}")
 
@@ -118,12 +121,12 @@ print(loading.memory_report())
 # and the loop below continues from `state.step`.
 
 # %%
-if resume and (out / "checkpoint" / "trainer_state.json").exists():
+if stage.resume and checkpoints.has_checkpoint(out / "checkpoint"):
     checkpoints.load_checkpoint(state, out / "checkpoint")
     print(f"resumed at step {state.step}")
 else:
-    (out / "ppo_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     print("starting from step 0")
+history = runs.read_log(out / "ppo_log.jsonl", max_step=state.step)  # the steps already done, if any
 
 # %% [markdown]
 # ## 4. The PPO loop
@@ -133,16 +136,8 @@ else:
 #    training pass must compute the log-probs of the very distribution that sampled), and record the
 #    log-probs under the policy and the reference, and the value head's estimates;
 # 2. `score`: the reward model's logit for each (question, answer);
-# 3. `update`: the score is first *shaped*: normalised by running statistics (mean 0, std 1 over every score so
-#    far; raw logits sit far from the value head's starting 0), clipped to $\pm 3$, and lowered by 1 for an
-#    answer cut off at the length limit without `###STOP###` (rambling must not pay); then the per-token reward
-#    $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the shaped score on the last token; GAE advantages; then PPO
-#    epochs of the clipped objective on minibatches. An answer that starts a new `###HUMAN###` turn ends there.
-#
-# **The KL coefficient $\beta$, honestly:** the "adaptive" controller multiplies $\beta$ by at most
-# $1 \pm 0.2 \cdot 8/10000$ per step at batch 8, i.e. 0.016%. Over the original's 450 steps $\beta$ stayed
-# within 0.186-0.215. It does not steer the KL towards its target at this scale; it is a fixed $\beta$ with a
-# slow drift. The plot shows $\beta$ (`objective/kl_coef`) next to the KL so you can see it.
+# 3. `update`: per-token reward $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the score on the last token; GAE
+#    advantages; then PPO epochs of the clipped objective on minibatches.
 #
 # **What the KL term protects:** without it, the policy would drift to whatever the reward model over-rates
 # (for this one: length, see notebook 03) and forget how to hold a conversation. **What to look for:** the
@@ -150,8 +145,6 @@ else:
 # found a hole in the reward model, not better answers.
 
 # %%
-history = [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()] \
-    if (out / "ppo_log.jsonl").exists() else []
 samples = []
 for step in range(state.step, cfg.steps):
     prompts = checkpoints.prompt_batch(train_prompts, step, state.config.batch_size, seed)
@@ -168,23 +161,20 @@ for step in range(state.step, cfg.steps):
         clear_output(wait=True)
         print(f"step {state.step}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f},"
               f" beta {stats['objective/kl_coef']:.3f}")
-        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "objective/kl_coef",
-                                                     "response/length"), path=out / "training_curves.png"))
+        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "response/length"),
+                                      path=out / "training_curves.png"))
         display(pd.DataFrame(samples[-6:]))
 
 # %% [markdown]
 # ## 5. What PPO logged
 # Every step's statistics are in `04_ppo/ppo_log.jsonl` (`sawyer.plots.redraw_run` redraws all figures from
 # such logs). `policy/clipfrac` above ~0.2 means steps are too big; `val/explained_variance` near 1 means the
-# value head predicts the returns well (it starts near 0, and stays there if the head cannot tell good answers
-# from bad ones before they are written: on `tiny` it has only a handful of steps); `response/truncated` is the
-# share of answers cut off by the length limit.
+# value head predicts the returns well.
 
 # %%
 log = pd.DataFrame(history).set_index("step")
-display(log[["objective/score", "objective/shaped_score", "objective/kl", "objective/kl_coef", "policy/clipfrac",
-             "policy/approx_kl", "val/explained_variance", "response/length", "response/truncated", "time/generate",
-             "time/train"]].round(3).tail(10))
+display(log[["objective/score", "objective/kl", "objective/kl_coef", "policy/clipfrac", "policy/approx_kl",
+             "val/explained_variance", "response/length", "time/generate", "time/train"]].round(3).tail(10))
 display(plots.training_curves(history, keys=("policy/clipfrac", "policy/approx_kl", "loss/value",
                                              "val/explained_variance"), path=out / "ppo_diagnostics.png"))
 

@@ -25,7 +25,7 @@
 # %% tags=["parameters"]
 preset = "auto"       # "tiny" (CPU dry run), "t4" (free Colab T4), "a100"; "auto": tiny without a GPU, t4 with one
 run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on Drive with use_drive)
-use_drive = False     # Colab: keep the run folder on Google Drive so a disconnect loses nothing
+use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-04); False: local
 max_questions = None  # per benchmark (None: the preset's); the knob that decides the time on a T4
 seed = 0
 

@@ -84,6 +84,7 @@ def _run_notebooks(run_path: Path, preset: str, wanted: list, resume: bool, env:
             echo(f"{label}: already complete, skipped (--resume)")
             continue
         require_stages(run_path, *needs)
+        (run_path / stage / "DONE").unlink(missing_ok=True)  # re-running: not finished until it says so again
         echo(f"{label}: running ...", end="", flush=True) if echo is print else echo(f"{label}: running ...")
         try:
             seconds = execute(NOTEBOOK_DIR / f"{stem}.ipynb", run_path / "notebooks" / f"{stem}.ipynb",
