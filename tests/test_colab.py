@@ -143,6 +143,11 @@ CELL = textwrap.dedent("""
                for line in nb.read_text().splitlines() if line.startswith(("import ", "from "))]
     for line in imports:
         exec(line)                         # every notebook's top-level import, in this kernel
+    import importlib.metadata as md
+    from sawyer.colab_install import read_pins
+    wrong = {k: md.version(k) for k, v in read_pins(REPO + "/requirements-colab.txt").items() if md.version(k) != v}
+    assert not wrong, wrong                # every pin installed at its version (trl: imported lazily by 06)
+    import trl, peft, bitsandbytes         # noqa: F401  (the lazily imported ones load too)
     import numpy as np2, pandas as pd2
     after = {"numpy": np2.__version__, "pandas": pd2.__version__, "torch": torch.__version__}
     print(json.dumps({"status": status, "before": before, "after": after, "n_imports": len(imports),
