@@ -602,3 +602,20 @@ def test_fp16_policy_gradients_match_fp32():
     print(f"fp16 vs fp32 LoRA/value-head gradient relative error: {rel:.2e}")
     assert rel < 2e-2 and g32.norm() > 0
     assert fp16.scaler.get_scale() > 1
+
+
+def test_a_model_that_ignores_logits_to_keep_is_an_error_not_a_silent_misread():
+    policy, tok = make_policy("llama")
+
+    class AllPositions(torch.nn.Module):
+        """A reference that computes logits at every position (as a model without logits_to_keep would)."""
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, logits_to_keep=None, **kwargs):
+            return self.model(**kwargs)
+    state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=4), ref_model=AllPositions(loading.load_causal_lm(
+        "tiny:llama")))
+    with pytest.raises(RuntimeError, match=r"AllPositions returned logits of shape \(8, \d+, \d+\); expected \(8, \d+, "):
+        ppo.rollout(state, prompts_for("llama", 8))
