@@ -39,19 +39,22 @@ seed = 0
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime);
-# anywhere else `make install` has already done it and the cell does nothing.
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: a few minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # minutes on a fresh VM, instant after that
 
 # %% [markdown]
 # The pre-flight check says which GPU we have, which precision we will compute in, and whether this

@@ -32,21 +32,26 @@ resume = True         # continue an interrupted run from its checkpoint (only if
 checkpoint_every = None  # steps between checkpoints in the stage folder (None: about 10 per run)
 max_steps = None      # SFT optimiser steps (None: the preset's); the knob that decides the time on a T4
 seed = 42
+push_to_hub = None    # a hub repo id ("you/sawyer-sft-t4") to publish the finished adapter to (write token)
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: a few minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # minutes on a fresh VM, instant after that
 
 # %%
 import dataclasses
@@ -60,6 +65,7 @@ from sawyer import chat, checkpoints, data, plots, runs, sft, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
 from sawyer.workshop import finish_stage, resolve_run_dir
+from sawyer import hub
 
 course = get_preset(preset)
 preflight(course)
@@ -195,4 +201,6 @@ metrics = {"preset": course.name, "base_model": cfg.base_model, "train_examples"
            "stop_rate_before": stop_before, "stop_rate_after": stop_after,
            "adapter_bytes": adapter_bytes, "embedding_matrices_bytes": matrices_bytes}
 finish_stage(run, "02_sft", metrics)
+if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
+    hub.push_stage(run, "02_sft", push_to_hub)
 metrics

@@ -35,21 +35,26 @@ resume = True         # continue an interrupted run from its checkpoint (only if
 checkpoint_every = None  # steps between checkpoints in the stage folder (None: 4 per run: each is the whole model)
 max_steps = None      # optimiser steps (None: the preset's epochs); the knob that decides the time on a T4
 seed = 42
+push_to_hub = None    # a hub repo id ("you/sawyer-rm-t4") to publish the finished reward model to
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: a few minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # minutes on a fresh VM, instant after that
 
 # %%
 import dataclasses
@@ -63,6 +68,7 @@ from sawyer import checkpoints, data, loading, plots, reward, runs
 from sawyer.check import preflight
 from sawyer.presets import get_preset
 from sawyer.workshop import finish_stage, resolve_run_dir
+from sawyer import hub
 
 course = get_preset(preset)
 preflight(course)
@@ -181,4 +187,6 @@ metrics = {"preset": course.name, "base_model": cfg.base_model, "train_pairs": l
            "eval_pairs": len(eval_pairs), "accuracy_before": acc_before, "accuracy_after": acc_after,
            "length_bias": bias, "margin_mean": float(margins.mean())}
 finish_stage(run, "03_reward_model", metrics)
+if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
+    hub.push_stage(run, "03_reward_model", push_to_hub)
 metrics

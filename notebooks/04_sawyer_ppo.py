@@ -31,21 +31,28 @@ steps = None          # PPO steps (None: the preset's); the knob that decides th
 resume = True         # continue from run_dir/04_ppo/checkpoint if interrupted (only if nothing it was built from changed)
 plot_every = 2        # redraw the live curves every N steps
 seed = 42
+sft_from_hub = None   # a hub repo id holding a finished 02_sft stage (if your notebook 02 failed)
+reward_model_from_hub = None  # likewise for 03_reward_model
+push_to_hub = None    # a hub repo id to publish the finished PPO adapter to (write token)
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: a few minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # minutes on a fresh VM, instant after that
 
 # %%
 import dataclasses
@@ -68,6 +75,9 @@ cfg = course.ppo
 if steps is not None:
     cfg = dataclasses.replace(cfg, steps=int(steps))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
+# stages 02/03 from the hub when asked for (sft_from_hub, reward_model_from_hub); then
+from sawyer import hub  # noqa: E402
+hub.pull_stages(run, {"02_sft": sft_from_hub, "03_reward_model": reward_model_from_hub})
 # the stage: locked, DONE removed until it finishes; it records which 02/03 outputs it is built from, and a
 # checkpoint is resumed only if those and the settings are unchanged (sawyer.runs)
 stage = runs.start_stage(run, "04_ppo", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=resume,
@@ -196,4 +206,6 @@ metrics = {"preset": course.name, "steps": state.step, "train_prompts": len(trai
            "seconds_per_step": sum(h["time/generate"] + h["time/score"] + h["time/train"] for h in history)
            / len(history), "adapter_bytes": adapter_bytes}
 finish_stage(run, "04_ppo", metrics)
+if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
+    hub.push_stage(run, "04_ppo", push_to_hub)
 metrics

@@ -28,21 +28,28 @@ run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on
 use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-04); False: local
 max_questions = None  # per benchmark (None: the preset's); the knob that decides the time on a T4
 seed = 0
+sft_from_hub = None   # hub repo ids of finished stages 02 / 03 / 04, for a run folder that lacks them
+reward_model_from_hub = None
+ppo_from_hub = None
 
 # %% [markdown]
 # ## 0. Set-up
-# On Colab, the next cell clones the course and installs its pinned requirements (once per runtime).
+# On Colab, the next cell clones the course and installs the few pinned libraries Colab lacks
+# (`requirements-colab.txt`: a few minutes on a fresh VM, instant after). It never replaces Colab's own
+# numpy, pandas or torch; if a library Colab had already loaded must change, it restarts the runtime itself
+# and says so: then run all cells again.
 
 # %%
 import os, subprocess, sys  # noqa: E401
 
-if "google.colab" in sys.modules and not os.path.isdir("/content/sawyer"):
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
-                    "/content/sawyer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sawyer/requirements.txt"],
-                   check=True)
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # Colab: clone the course once per VM, install only what Colab lacks
+    if not os.path.isdir("/content/sawyer"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/sawyer-workshop/sawyer",
+                        "/content/sawyer"], check=True)
     sys.path.insert(0, "/content/sawyer")
+    from sawyer.colab_install import colab_install
+
+    colab_install("/content/sawyer/requirements-colab.txt")  # minutes on a fresh VM, instant after that
 
 # %%
 import contextlib
@@ -66,6 +73,9 @@ cfg = course.eval
 if max_questions is not None:
     cfg = dataclasses.replace(cfg, max_questions=int(max_questions))
 run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
+from sawyer import hub  # noqa: E402
+hub.pull_stages(run, {"02_sft": sft_from_hub, "03_reward_model": reward_model_from_hub,
+                      "04_ppo": ppo_from_hub})
 require_stages(run, "02_sft", "03_reward_model", "04_ppo")
 out = stage_dir(run, "05_evaluation")
 torch.manual_seed(seed)
