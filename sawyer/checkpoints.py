@@ -27,17 +27,7 @@ import numpy as np
 import torch
 
 from sawyer import runs
-from sawyer.ppo import PPOState, rollout, score, update
-
-try:  # added to sawyer.ppo for extra PPO state; older states carry only the step and the KL coefficient
-    from sawyer.ppo import restore_training_state, training_state
-except ImportError:  # pragma: no cover
-    def training_state(state):
-        return {"step": state.step, "kl_coef": state.kl_ctl.value}
-
-    def restore_training_state(state, d):
-        state.step, state.kl_ctl.value = int(d["step"]), float(d["kl_coef"])
-        return state
+from sawyer.ppo import PPOState, restore_training_state, rollout, score, training_state, update
 
 
 def save_checkpoint(state: PPOState, path: str | Path | None = None) -> Path:

@@ -164,9 +164,28 @@ def done_id(run: Path, stage: str) -> str | None:
         return text  # a DONE written before fingerprints existed: its timestamp is its identity
 
 
+def stale_upstream(run: Path, stage: str) -> list[str]:
+    """The upstream stages re-run since ``stage`` was built from them (empty: it is current).
+
+    Read from ``stage/fingerprint.json``: the output ids of its upstream stages when it started, compared with
+    their DONE markers now. A DONE 04 whose 02 was re-trained since is stale: its results are of the old 02.
+    """
+    path = Path(run) / stage / "fingerprint.json"
+    if not path.exists():
+        return []
+    upstream = read_json(path, f"delete {path}").get("upstream", {})
+    return [s for s, built_from in upstream.items() if done_id(run, s) != built_from]
+
+
 def require_stages(run: Path, *stages: str) -> None:
-    """Raise a clear error when an earlier notebook's stage is not finished in ``run``."""
+    """Raise a clear error when an earlier notebook's stage is not finished in ``run``, or is stale."""
     missing = [s for s in stages if not is_done(run, s)]
+    stale = {s: stale_upstream(run, s) for s in stages if s not in missing}
+    stale = {s: up for s, up in stale.items() if up}
+    if stale:
+        raise RuntimeError("; ".join(
+            f"stage {s} in {run} was built from an older {', '.join(up)} (re-run since): re-run notebook "
+            f"{s.split('_')[0]} first" for s, up in stale.items()))
     if missing:
         raise RuntimeError(
             f"run folder {run} lacks the finished stage(s) {', '.join(missing)}: run notebook(s) "

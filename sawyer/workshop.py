@@ -80,9 +80,12 @@ def _run_notebooks(run_path: Path, preset: str, wanted: list, resume: bool, env:
     start = time.time()
     for i, (num, stem, stage, needs) in enumerate(wanted, 1):
         label = f"[{i}/{len(wanted)}] {stem}"
-        if resume and is_done(run_path, stage):
+        stale = runs.stale_upstream(run_path, stage) if is_done(run_path, stage) else []
+        if resume and is_done(run_path, stage) and not stale:
             echo(f"{label}: already complete, skipped (--resume)")
             continue
+        if resume and stale:
+            echo(f"{label}: finished, but built from an older {', '.join(stale)}: running it again")
         require_stages(run_path, *needs)
         (run_path / stage / "DONE").unlink(missing_ok=True)  # re-running: not finished until it says so again
         echo(f"{label}: running ...", end="", flush=True) if echo is print else echo(f"{label}: running ...")

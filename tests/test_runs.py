@@ -89,8 +89,11 @@ def test_fingerprint_mismatch_is_named_and_starts_fresh(tmp_path):
     same = runs.start_stage(tmp_path, "04_ppo", settings={"kl_coef": 0.2, "steps": 16}, needs=("02_sft",),
                             ignore=("steps",), echo=lines.append)  # more steps: continue the run
     assert same.resume and (same.folder / "checkpoint").is_dir()
-    runs.release_lock(same.folder)
+    same.finish({})
     runs.start_stage(tmp_path, "02_sft", settings={"lr": 1e-3}).finish({})  # SFT re-trained
+    assert runs.is_done(tmp_path, "04_ppo") and runs.stale_upstream(tmp_path, "04_ppo") == ["02_sft"]
+    with pytest.raises(RuntimeError, match="stage 04_ppo .* was built from an older 02_sft .*re-run notebook 04"):
+        runs.require_stages(tmp_path, "02_sft", "04_ppo")  # what 05 checks: a stale DONE is not good enough
     changed = runs.start_stage(tmp_path, "04_ppo", settings={"kl_coef": 0.1, "steps": 8}, needs=("02_sft",),
                                ignore=("steps",), echo=lines.append)
     assert not changed.resume and not (changed.folder / "checkpoint").exists()
