@@ -49,6 +49,8 @@ import torch
 from torch import nn
 
 from sawyer import validate
+from sawyer.ppo_models import (NEUTRAL_SAMPLING, add_frozen_reference_adapter, check_generation_kwargs,  # noqa: F401
+                               computes_in_fp16, freeze_outside_optimizer, one_code_path, sft_start_reason)
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
                              policy_loss, shape_scores, value_loss)
@@ -196,68 +198,6 @@ def restore_training_state(state: PPOState, d: dict) -> PPOState:
     return state
 
 
-def _of_adapter(name: str, adapter: str) -> bool:
-    return f".{adapter}." in name or name.endswith(f".{adapter}")
-
-
-def add_frozen_reference_adapter(policy, adapter_path: str | Path, adapter_name: str = "reference") -> str:
-    """Load an adapter (e.g. the SFT adapter) into ``policy`` a second time, frozen, as the PPO reference.
-
-    Both adapters share the one copy of the (4-bit) base weights; the SFT marker rows come with it. The
-    trainable adapter stays active; ``rollout`` switches to this one only for the reference pass.
-    """
-    policy.load_adapter(str(adapter_path), adapter_name=adapter_name, is_trainable=False)
-    for name, p in policy.named_parameters():
-        if _of_adapter(name, adapter_name):
-            p.requires_grad_(False)
-    return adapter_name
-
-
-def _one_code_path(model: nn.Module) -> None:
-    """Make the training pass compute exactly the rollout's log-probs, so the first ratio is 1.
-
-    Dropout off everywhere, LoRA's too (the classic recipe trains this way; TRL's ``disable_dropout_in_model``),
-    including functional rates (T5's ``dropout``, Llama's ``attention_dropout``). And bitsandbytes' CPU backend
-    must not repack 4-bit weights for its eval-only kernel (it needs out_features % 32 == 0 and computes
-    differently from the training path).
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        for name, value in list(vars(m).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(m, name, 0.0)
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-
-
-def _computes_in_fp16(policy) -> bool:
-    """True when the policy's forward runs in fp16 (fp16 weights, or 4-bit with fp16 compute)."""
-    quant = getattr(policy.config, "quantization_config", None)
-    compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(
-        quant, "bnb_4bit_compute_dtype", None)
-    return compute in (torch.float16, "float16") or policy.get_base_model().dtype == torch.float16
-
-
-def _sft_start(policy, adapter: str) -> str | None:
-    """Why disabling ``adapter`` would not give the starting model (marker rows, trained LoRA), or None."""
-    if getattr(policy.peft_config[adapter], "trainable_token_indices", None):
-        return "it carries trainable token rows (the SFT markers), which disabling the adapter reverts"
-    if any(p.abs().max() > 0 for n, p in policy.named_parameters() if ".lora_B." in n and _of_adapter(n, adapter)):
-        return "its LoRA weights are already trained (lora_B is not zero), so it is not a fresh adapter"
-    return None
-
-
-def _freeze_outside_optimizer(state: PPOState) -> None:
-    """Nothing but the optimiser's parameters may require or hold a gradient (PEFT's ``set_adapter`` and
-    ``enable_adapters`` switch ``requires_grad`` back on for trainable-token rows, vocab x hidden each)."""
-    trainable = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
-    for p in state.policy.parameters():
-        if id(p) not in trainable and (p.requires_grad or p.grad is not None):
-            p.requires_grad_(False)
-            p.grad = None
-
-
 def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None, ref_adapter: str | None = None,
           base_reference: bool = False, run_dir: str | Path | None = None,
           stop_token_ids: tuple[int, ...] | list[int] = ()) -> PPOState:
@@ -270,7 +210,7 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     sharing the tokenizer; neither -> the policy with its adapter disabled, allowed only for a fresh adapter
     (or with ``base_reference=True``). ``stop_token_ids`` end a response in addition to EOS (pass
     ``chat.stop_token_ids(tokenizer)``: every marker that begins a new turn). Dropout is switched off in the
-    policy (see ``_one_code_path``), and python, numpy and torch are seeded with ``config.seed``.
+    policy (see ``ppo_models.one_code_path``), and python, numpy and torch are seeded with ``config.seed``.
     """
     from peft import PeftModel
     from transformers import set_seed
@@ -284,8 +224,8 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     if ref_adapter is not None and (ref_adapter == adapter or ref_adapter not in policy.peft_config):
         raise ValueError(f"ref_adapter={ref_adapter!r} must name a second adapter of the policy (it has "
                          f"{list(policy.peft_config)}, trainable: {adapter!r}); see add_frozen_reference_adapter")
-    why = None if ref_model is not None or ref_adapter is not None or base_reference else _sft_start(policy, adapter)
-    if why:
+    explicit = ref_model is not None or ref_adapter is not None or base_reference
+    if not explicit and (why := sft_start_reason(policy, adapter)):
         raise ValueError(f"no reference given and the policy's adapter {adapter!r} is an SFT start: {why}. With the "
                          "adapter disabled the reference would be the base model, not the SFT model (step-0 KL of "
                          "several nats instead of 0). Pass ref_adapter=ppo.add_frozen_reference_adapter(policy, "
@@ -303,12 +243,12 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
             p.requires_grad_(False)
     for p in lora:
         p.data = p.data.float()
-    _one_code_path(policy)
+    one_code_path(policy)
     base = policy.get_base_model()
     if config.gradient_checkpointing and base.supports_gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if ref_model is not None:
-        _one_code_path(ref_model.eval())
+        one_code_path(ref_model.eval())
 
     # value head on the last hidden state (the decoder's for seq2seq), fp32. A seeded, small normal init
     # (std 0.01 / sqrt(d)) and a zero bias start the values near 0: the mean of normalised scores (score_norm).
@@ -330,7 +270,7 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     # fp16 compute: loss scaling keeps small gradients from flushing to zero (torch.amp; fp32 masters above)
-    scaler = torch.amp.GradScaler(device.type, enabled=_computes_in_fp16(policy))
+    scaler = torch.amp.GradScaler(device.type, enabled=computes_in_fp16(policy))
     return PPOState(policy=policy, tokenizer=tokenizer, value_head=value_head, optimizer=optimizer, kl_ctl=kl_ctl,
                     config=config, adapter=adapter, is_seq2seq=bool(policy.config.is_encoder_decoder),
                     stop_token_ids=stops, ref_adapter=ref_adapter, ref_model=ref_model,
@@ -356,33 +296,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-#: Generation settings that leave the sampling distribution softmax(logits / T) untouched. rollout() passes
-#: all of them (a model's generation_config may set e.g. top_p=0.9) and refuses any other value.
-NEUTRAL_SAMPLING = {
-    "do_sample": True, "num_beams": 1, "num_return_sequences": 1, "top_k": 0, "top_p": 1.0, "min_p": None,
-    "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
-    "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
-    "watermarking_config": None, "use_cache": True,
-}
-
-
-def _check_generation_kwargs(kwargs: dict) -> None:
-    for key, value in kwargs.items():
-        if key in ("temperature", "min_new_tokens", "max_new_tokens"):
-            raise ValueError(f"rollout(): set PPOConfig.{key} instead of passing {key}= (the training pass "
-                             "must use the same value)")
-        if key not in NEUTRAL_SAMPLING or value != NEUTRAL_SAMPLING[key]:
-            why = ("beam search returns high-scoring sequences, not samples, so their log-probs do not describe how "
-                   "they were drawn" if key in ("num_beams", "do_sample") else
-                   "it changes the sampling distribution and the training pass would not reproduce it")
-            raise ValueError(f"rollout() refuses {key}={value!r}: {why}; PPO needs plain sampling from "
-                             "softmax(logits / temperature). Allowed: PPOConfig.temperature/min_new_tokens/"
-                             "max_new_tokens and the neutral values in ppo.NEUTRAL_SAMPLING")
 
 
 def _model_inputs(state: PPOState, prompt_ids, prompt_mask, response_ids) -> dict:
@@ -437,7 +350,7 @@ def _reference(state: PPOState):
     finally:  # switch back, and undo the requires_grad that PEFT turns on again
         if state.ref_adapter is not None:
             state.policy.set_adapter(state.adapter)
-        _freeze_outside_optimizer(state)
+        freeze_outside_optimizer(state.policy, state.optimizer)
 
 
 def _excerpt(text: str, n: int = 80) -> str:
@@ -456,7 +369,7 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
         raise ValueError(f"rollout() needs a non-empty list of prompt strings, got {prompts!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("rollout(): every prompt must be a string")
-    _check_generation_kwargs(generation_kwargs)
+    check_generation_kwargs(generation_kwargs)
     enc = tok(list(prompts), return_tensors="pt", padding=True,
               padding_side="right" if state.is_seq2seq else "left").to(state.device)
     if (enc["attention_mask"].sum(1) == 0).any():
@@ -564,7 +477,7 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
     # 6. clipped update: ppo_epochs x minibatches, gradient accumulation, (fp16: scaled loss), clipping
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     order_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)  # reproducible on resume
-    _freeze_outside_optimizer(state)
+    freeze_outside_optimizer(state.policy, state.optimizer)
     state.policy.train()
     state.optimizer.zero_grad(set_to_none=True)
     logs: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approx_kl": [], "vf_clipfrac": []}

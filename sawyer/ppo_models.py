@@ -1,0 +1,101 @@
+"""How PPO handles its models: what trains, the reference adapter, dropout, fp16, and neutral sampling.
+
+The plumbing under ``sawyer.ppo`` that is about PEFT, transformers and bitsandbytes rather than about the
+algorithm; ``sawyer.ppo`` re-exports the public names (``add_frozen_reference_adapter``, ``NEUTRAL_SAMPLING``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def of_adapter(name: str, adapter: str) -> bool:
+    """True when parameter ``name`` belongs to ``adapter`` (``...lora_A.ref.weight``, ``...tokens_delta.ref``)."""
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
+def add_frozen_reference_adapter(policy, adapter_path: str | Path, adapter_name: str = "reference") -> str:
+    """Load an adapter (e.g. the SFT adapter) into ``policy`` a second time, frozen, as the PPO reference.
+
+    Both adapters share the one copy of the (4-bit) base weights; the SFT marker rows come with it. The
+    trainable adapter stays active; ``rollout`` switches to this one only for the reference pass.
+    """
+    policy.load_adapter(str(adapter_path), adapter_name=adapter_name, is_trainable=False)
+    for name, p in policy.named_parameters():
+        if of_adapter(name, adapter_name):
+            p.requires_grad_(False)
+    return adapter_name
+
+
+def one_code_path(model: nn.Module) -> None:
+    """Make the training pass compute exactly the rollout's log-probs, so the first ratio is 1.
+
+    Dropout off everywhere, LoRA's too (the classic recipe trains this way; TRL's ``disable_dropout_in_model``),
+    including functional rates (T5's ``dropout``, Llama's ``attention_dropout``). And bitsandbytes' CPU backend
+    must not repack 4-bit weights for its eval-only kernel (it needs out_features % 32 == 0 and computes
+    differently from the training path).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+
+
+def computes_in_fp16(policy) -> bool:
+    """True when the policy's forward runs in fp16 (fp16 weights, or 4-bit with fp16 compute)."""
+    quant = getattr(policy.config, "quantization_config", None)
+    compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(
+        quant, "bnb_4bit_compute_dtype", None)
+    return compute in (torch.float16, "float16") or policy.get_base_model().dtype == torch.float16
+
+
+def sft_start_reason(policy, adapter: str) -> str | None:
+    """Why disabling ``adapter`` would not give the starting model (marker rows, trained LoRA), or None."""
+    if getattr(policy.peft_config[adapter], "trainable_token_indices", None):
+        return "it carries trainable token rows (the SFT markers), which disabling the adapter reverts"
+    if any(p.abs().max() > 0 for n, p in policy.named_parameters() if ".lora_B." in n and of_adapter(n, adapter)):
+        return "its LoRA weights are already trained (lora_B is not zero), so it is not a fresh adapter"
+    return None
+
+
+def freeze_outside_optimizer(policy, optimizer: torch.optim.Optimizer) -> None:
+    """Nothing but the optimiser's parameters may require or hold a gradient (PEFT's ``set_adapter`` and
+    ``enable_adapters`` switch ``requires_grad`` back on for trainable-token rows, vocab x hidden each)."""
+    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for p in policy.parameters():
+        if id(p) not in trainable and (p.requires_grad or p.grad is not None):
+            p.requires_grad_(False)
+            p.grad = None
+
+
+#: Generation settings that leave the sampling distribution softmax(logits / T) untouched. rollout() passes
+#: all of them (a model's generation_config may set e.g. top_p=0.9) and refuses any other value.
+NEUTRAL_SAMPLING = {
+    "do_sample": True, "num_beams": 1, "num_return_sequences": 1, "top_k": 0, "top_p": 1.0, "min_p": None,
+    "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+    "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
+    "watermarking_config": None, "use_cache": True,
+}
+
+
+def check_generation_kwargs(kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        if key in ("temperature", "min_new_tokens", "max_new_tokens"):
+            raise ValueError(f"rollout(): set PPOConfig.{key} instead of passing {key}= (the training pass "
+                             "must use the same value)")
+        if key not in NEUTRAL_SAMPLING or value != NEUTRAL_SAMPLING[key]:
+            why = ("beam search returns high-scoring sequences, not samples, so their log-probs do not describe how "
+                   "they were drawn" if key in ("num_beams", "do_sample") else
+                   "it changes the sampling distribution and the training pass would not reproduce it")
+            raise ValueError(f"rollout() refuses {key}={value!r}: {why}; PPO needs plain sampling from "
+                             "softmax(logits / temperature). Allowed: PPOConfig.temperature/min_new_tokens/"
+                             "max_new_tokens and the neutral values in ppo.NEUTRAL_SAMPLING")
