@@ -9,7 +9,9 @@ details of RLHF with PPO"; PPO itself: Schulman et al. 2017). Notebook 04 runs t
         scores = ppo.score(state, batch, reward_fn)  # 2. reward_fn(prompts, responses) -> Tensor[B]
         stats = ppo.update(state, batch, scores)     # 4. shaped score + KL penalty 5. GAE 6. clipped update 7. stats
 
-Checkpoints and the ``train`` loop live in ``sawyer.checkpoints`` (they use ``training_state`` from here).
+Checkpoints and the ``train`` loop live in ``sawyer.checkpoints`` (they use ``training_state`` from here); the
+pure math in ``sawyer.ppo_math`` (GAE, the clipped losses, score shaping, ...: importable from here too), the
+PEFT/transformers plumbing in ``sawyer.ppo_models``.
 
 Reference model: the policy with its LoRA adapter switched off is the reference only for a *fresh* adapter.
 When PPO starts from an SFT adapter the reference must be that SFT model: load the SFT adapter a second
