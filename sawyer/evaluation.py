@@ -187,7 +187,7 @@ def verdict(result: dict, alpha: float = 0.05, negligible: float = NEGLIGIBLE, m
         reason = (f"{test} p = {p:.2g}, but the whole interval lies within +-{min_effect:g}" if inside else
                   f"{test} p = {p:.2g}, but the shift is {abs(d_av):.2f} of the spread across prompts (|d_av| < "
                   f"{negligible:g})" if abs(d_av) < negligible else
-                  f"{test} p = {p:.2g}, but the shift is {abs(boot['diff']) / level:.2%} of the mean's size")
+                  f"{test} p = {p:.2g}, but the shift is {100 * abs(boot['diff']) / level:.2g}% of the mean's size")
     else:
         size = "large" if abs(d_av) >= LARGE else "medium" if abs(d_av) >= MEDIUM else "small"
         label, reason = f"a {size} shift {direction}", f"{test} p = {p:.2g}, d_av = {d_av:+.2f}"
