@@ -136,12 +136,29 @@ def worker(a) -> None:
                "score": stats["time/score"], "train": stats["time/train"], "total": total}
         rec["other"] = total - sum(rec[p] for p in PHASES[:-1])
         print("STEP " + json.dumps(rec), flush=True)
+    hwm = vm_hwm_mib()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-    result = {"impl": "ours", "load_s": load_s, "peak_rss_mib": rss,
+    result = {"impl": "ours", "load_s": load_s, "peak_rss_mib": rss, "peak_rss_hwm_mib": hwm,
               "peak_gpu_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
               "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "gradient_checkpointing": bool(a.checkpointing), "fourbit": fourbit}
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def vm_hwm_mib() -> float | None:
+    """This process's own peak RSS since its ``exec`` (``VmHWM``), or None where /proc is missing.
+
+    ``getrusage``'s ``ru_maxrss`` (what both sides report) is at least the RSS of the process that launched it:
+    Linux carries the maximum across fork and exec. So the launcher stays small (it never imports torch) and
+    this second reading, which starts afresh at exec, shows whether a launcher inflated the first.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
 
 
 # ============================================================================ 3. running and alternating
@@ -155,20 +172,29 @@ def side_command(side: str, a, folder: Path) -> list[str]:
     return [str(a.peer_python), str(a.peer_script), "--model", str(folder), "--mode", side.split("-", 1)[1], *common]
 
 
-def run_side(side: str, a, folder: Path) -> dict:
-    """One fresh process of ``side``; returns its kept steps, its RESULT and the load average after it."""
+def spawn(cmd: list[str], a, what: str, expect: dict[str, int]) -> dict[str, list[dict]]:
+    """Run ``cmd`` as a fresh process with the protocol's environment; its ``KEY {json}`` lines by key.
+
+    ``expect`` gives how many lines of each key must come; anything else (a crash, a missing line) is an
+    error that names ``what`` failed, the command and the end of its output.
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = side_command(side, a, folder)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.timeout)
-    lines = proc.stdout.splitlines()
-    steps = [json.loads(x[5:]) for x in lines if x.startswith("STEP ")]
-    results = [json.loads(x[7:]) for x in lines if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not results or len(steps) != a.steps:
+    found = {key: [json.loads(x[len(key) + 1:]) for x in proc.stdout.splitlines() if x.startswith(key + " ")]
+             for key in expect}
+    if proc.returncode != 0 or any(len(found[k]) != n for k, n in expect.items()):
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"bench side {side!r} failed (exit {proc.returncode}, {len(steps)}/{a.steps} steps): "
-                           f"{' '.join(cmd)}\n{tail}")
+        got = ", ".join(f"{len(found[k])}/{n} {k} lines" for k, n in expect.items())
+        raise RuntimeError(f"bench {what} failed (exit {proc.returncode}, {got}): {' '.join(cmd)}\n{tail}")
+    return found
+
+
+def run_side(side: str, a, folder: Path) -> dict:
+    """One fresh process of ``side``; returns its kept steps, its RESULT and the load average after it."""
+    found = spawn(side_command(side, a, folder), a, f"side {side!r}", {"STEP": a.steps, "RESULT": 1})
+    steps, results = found["STEP"], found["RESULT"]
     for s in steps:  # the peer has no score phase (its scores are computed outside the step)
         s.setdefault("score", 0.0)
     return {"side": side, "steps": steps[1:], "result": results[0], "load_after": os.getloadavg()[0]}
@@ -249,6 +275,9 @@ def markdown(report: dict) -> str:
     for name, r in s["ratios"].items():
         lines.append(f"- {name}: {r['ratio']:.3f} of the time ({r['speedup']:.2f}x faster); per round "
                      f"{r['round_min']:.3f}-{r['round_max']:.3f}")
+    if report.get("launcher_rss_mib") is not None:
+        lines.append(f"- peak RSS includes the launcher's {report['launcher_rss_mib']:.0f} MiB at most (Linux carries "
+                     "ru_maxrss across fork/exec)")
     la = s["load_average"]
     lines.append(f"- load average (1 min) after each run: {la['min']:.2f}-{la['max']:.2f}, median {la['median']:.2f}")
     if report.get("floors"):
@@ -334,6 +363,32 @@ def probe(cfg: dict, a) -> tuple[float, float]:
     return 2 * m * k * n / mm / 1e9, 2 * src.numel() * src.element_size() / cp / 1e9
 
 
+def prepare(a) -> dict:
+    """Build or reuse the model folder, probe the machine, collect versions (the ``probe`` command's work).
+
+    It runs in a child process of its own, so the launcher of the timed runs never holds torch or the probe's
+    buffers (see ``vm_hwm_mib`` for why the launcher's size would leak into the children's peak RSS).
+    """
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(a.threads)
+    a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = model_folder(a)
+    cfg = json.loads((folder / "config.json").read_text())
+    gflops, gbs = probe(cfg, a)
+    return {"config": {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
+                       "heads": cfg["num_attention_heads"], "inter": cfg["intermediate_size"],
+                       "vocab": cfg["vocab_size"], "params_m": shape_counts(cfg)["total"] / 1e6,
+                       "model": str(folder), "batch": a.batch, "prompt": a.prompt, "new": a.new,
+                       "steps": a.steps, "rounds": a.rounds, "threads": a.threads,
+                       "checkpointing": bool(a.checkpointing), "fourbit": bool(a.fourbit), "device": a.device},
+            "floors": floors(cfg, a, gflops, gbs),
+            "versions": {"ours": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                  "peft": peft.__version__}}}
+
+
 # ============================================================================ 6. command line
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sawyer.bench", description=__doc__.splitlines()[0])
@@ -361,33 +416,21 @@ def main(argv=None) -> int:
     if a.command == "worker":
         worker(a)
         return 0
-    import torch
-
-    a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.command == "probe":
+        report = prepare(a)
+        print(json.dumps(report["floors"], indent=1), file=sys.stderr)
+        print("PREPARE " + json.dumps(report), flush=True)
+        return 0
+    # ours / compare: this launcher stays small (no torch); every piece of work is a child process
     sides = ("ours",) if a.command == "ours" else SIDES
     if a.command == "compare":
         check_peer(a)
-    folder = model_folder(a)
-    a.model = str(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    gflops, gbs = probe(cfg, a)
-    report: dict = {"config": {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
-                               "heads": cfg["num_attention_heads"], "inter": cfg["intermediate_size"],
-                               "vocab": cfg["vocab_size"], "params_m": shape_counts(cfg)["total"] / 1e6,
-                               "model": str(folder), "batch": a.batch, "prompt": a.prompt, "new": a.new,
-                               "steps": a.steps, "rounds": a.rounds, "threads": a.threads,
-                               "checkpointing": bool(a.checkpointing), "fourbit": bool(a.fourbit), "device": a.device},
-                    "floors": floors(cfg, a, gflops, gbs)}
-    if a.command == "probe":
-        print(json.dumps(report["floors"], indent=1))
-        return 0
-    import peft
-    import transformers
-
-    report["versions"] = {"ours": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                   "peft": peft.__version__}}
+    cmd = [sys.executable, "-m", "sawyer.bench", "probe", *(argv if argv is not None else sys.argv[1:])[1:]]
+    report = spawn(cmd, a, "preparation (model folder, probe)", {"PREPARE": 1})["PREPARE"][0]
+    folder, a.device = Path(report["config"]["model"]), report["config"]["device"]
     if a.command == "compare":
         report["versions"]["peer"] = peer_versions(a)
+    report["launcher_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     runs = []
     for r in range(a.rounds):
         for side in sides:
