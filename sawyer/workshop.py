@@ -1,4 +1,4 @@
-"""Run the whole course: notebooks 01-05 in order, into one run folder, ending with a report.
+"""Run the whole course: notebooks 01-06 in order, into one run folder, ending with a report.
 
     python -m sawyer.workshop --preset tiny                 # the offline dry run (`make workshop`)
     python -m sawyer.workshop --preset t4 --only 02,03 --run-dir runs/my-run
@@ -32,6 +32,7 @@ COURSE = [
     ("03", "03_sawyer_reward_model", "03_reward_model", ()),
     ("04", "04_sawyer_ppo", "04_ppo", ("02_sft", "03_reward_model")),
     ("05", "05_sawyer_evaluation", "05_evaluation", ("02_sft", "03_reward_model", "04_ppo")),
+    ("06", "06_ppo_vs_dpo_vs_grpo", "06_preference", ("02_sft", "03_reward_model", "04_ppo")),
 ]
 
 
@@ -58,7 +59,7 @@ def run(preset: str = "tiny", *, run_dir: str | None = None, only: list[str] | N
     when its fingerprint still matches (``sawyer.runs.start_stage``). The runner locks the run folder, so a
     second runner on the same folder stops with ``runs.RunLocked`` instead of interleaving with this one.
     """
-    offline = preset == "tiny" if offline is None else offline
+    offline = preset in ("tiny", "cpu") if offline is None else offline  # both run on local weights only
     run_path = resolve_run_dir(run_dir, preset, use_drive=False)
     wanted = [c for c in COURSE if not only or c[0] in only]
     unknown = set(only or []) - {c[0] for c in COURSE}
@@ -146,6 +147,10 @@ def _write_report(run_path: Path, preset: str, timings: dict) -> Path:
         if not metrics:
             continue
         lines += ["", f"## {stem}", ""]
+        for table in sorted((run_path / stage).glob("*.md")):  # tables a stage writes, e.g. 06's three_way.md
+            lines += [f"**{table.stem.replace('_', ' ')}**", "", table.read_text().rstrip(), ""]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics).items()]
         for fig in sorted((run_path / stage).glob("*.png")):
             lines += ["", f"![{fig.stem}]({fig.relative_to(run_path).as_posix()})"]
     executed = sorted((run_path / "notebooks").glob("*.ipynb"))
@@ -157,8 +162,8 @@ def _write_report(run_path: Path, preset: str, timings: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sawyer.workshop", description="Run notebooks 01-05 in order.")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "t4", "a100"])
+    parser = argparse.ArgumentParser(prog="python -m sawyer.workshop", description="Run notebooks 01-06 in order.")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "cpu", "t4", "a100"])
     parser.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 02,03")
     parser.add_argument("--run-dir", default=None, help="run folder (default runs/<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose stage is complete")
