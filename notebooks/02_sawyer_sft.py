@@ -80,6 +80,14 @@ out = stage.folder
 torch.manual_seed(seed)
 print(f"base model: {cfg.base_model}; run folder: {out}")
 
+# %%
+from IPython.display import Markdown
+
+from sawyer import evaluation
+
+if banner := evaluation.banner(course.name):  # on `tiny`: say once, visibly, what its numbers can and cannot mean
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## 1. The conversation template
 # Each turn renders as `###HUMAN### {message} ` or `###BOT### {message} `. A **prompt** for generation ends
@@ -111,6 +119,15 @@ print(f"{len(train_convs)} training and {len(eval_convs)} evaluation conversatio
 # embeddings) to the mean of its phrase's embeddings, then attaches LoRA. The original set only the input rows
 # and left the output rows at their resize default: the model could read `###STOP###` but had no sensible way
 # to *predict* it.
+#
+# **"LoRA cannot train embeddings"** (the slide) is true of LoRA's low-rank matrices: they sit on linear layers,
+# not on the embedding table. Here the three marker rows (input and output) are made trainable *as rows*
+# (PEFT's `trainable_token_indices`), next to LoRA: the phrase-mean start is a good first guess, and training
+# refines only those rows, never the rest of the vocabulary.
+#
+# If transformers prints that "the new embeddings will be initialized from a multivariate normal distribution":
+# that is `resize_token_embeddings` filling the new rows *before* our initialisation; the next line overwrites
+# them with the phrase means (the table below shows which phrase each marker starts from).
 
 # %%
 model, tokenizer, marker_ids = sft.prepare_sawyer_model(cfg)
@@ -122,24 +139,37 @@ display(pd.DataFrame([{"marker": m, "id": i, "initialised from": cfg.phrases[m]}
 # `###STOP###`. Labels are `-100` (ignored by the loss) over the prompt. Sequences longer than the limit are
 # **dropped, not truncated**: truncation would cut off exactly the reply and the stop token we want to teach.
 #
-# **What to look for:** in the table, only the final reply's tokens and `###STOP###` carry a label.
+# **What to look for:** the window around the *last* `###BOT###`, where masking stops: every token up to and
+# including that marker has no label (the prompt, earlier turns included); the reply after it and `###STOP###` do.
 
 # %%
 train_examples, train_stats = sft.build_examples(train_convs, tokenizer, cfg.max_seq_len)
 eval_examples, eval_stats = sft.build_examples(eval_convs, tokenizer, cfg.max_seq_len)
 print(f"train: {train_stats}; eval: {eval_stats} (max {cfg.max_seq_len} tokens)")
 ex = train_examples[0]
-display(pd.DataFrame({"token": tokenizer.convert_ids_to_tokens(ex["input_ids"]),
-                      "trained on": [label != sft.IGNORE_INDEX for label in ex["labels"]]}).tail(25).T)
+bot_id = tokenizer.convert_tokens_to_ids(chat.BOT)
+last_bot = max(i for i, t in enumerate(ex["input_ids"]) if t == bot_id)
+window = range(max(0, last_bot - 8), min(len(ex["input_ids"]), last_bot + 10))
+display(pd.DataFrame({"token": tokenizer.convert_ids_to_tokens([ex["input_ids"][i] for i in window]),
+                      "trained on": [ex["labels"][i] != sft.IGNORE_INDEX for i in window]}, index=list(window)).T)
+n_trained = sum(label != sft.IGNORE_INDEX for label in ex["labels"])
+print(f"{n_trained} of {len(ex['labels'])} tokens carry a label: the last reply and ###STOP###, after position {last_bot}")
 
 # %% [markdown]
 # ## 5. Before SFT: the base model
 # The same questions, greedy decoding. **What to look for:** the base model does not know the format; it
 # rarely emits `###STOP###` and runs until the token limit.
+#
+# On the offline `cpu` preset the base is SmolLM2-135M-**Instruct**: already chat-tuned in its own format
+# (`<|im_start|>user ... <|im_end|>`), so it answers questions before SFT, a weaker "raw base" story than
+# Llama-3-8B. What it has never seen are the SAWYER markers: it does not stop with `###STOP###`.
 
 # %%
 questions = [chat.trim_to_last_bot(c)[:-1] for c in eval_convs[:6]]
-before = sft.generate(model, tokenizer, questions, max_new_tokens=48)
+reply_tokens = 128  # guanaco's answers run 40-80 tokens: a smaller budget would cut off a model that does stop
+before = sft.generate(model, tokenizer, questions, max_new_tokens=reply_tokens)
+display(pd.DataFrame({"question": [q[-1][1][:80] for q in questions], "base model": [g.reply[:120] for g in before],
+                      "stopped with ###STOP###": [g.stopped for g in before]}))
 
 # %% [markdown]
 # ## 6. Train
@@ -161,7 +191,7 @@ display(plots.training_curves(losses, keys=("loss/train",), path=out / "sft_loss
 # **What to look for:** SAWYER answers in the format and stops at `###STOP###`.
 
 # %%
-after = sft.generate(model, tokenizer, questions, max_new_tokens=48)
+after = sft.generate(model, tokenizer, questions, max_new_tokens=reply_tokens)
 display(pd.DataFrame({"question": [q[-1][1][:80] for q in questions],
                       "base model": [g.reply[:120] for g in before], "base stopped": [g.stopped for g in before],
                       "SAWYER": [g.reply[:120] for g in after], "SAWYER stopped": [g.stopped for g in after]}))
@@ -189,7 +219,7 @@ print(f"adapter folder: {tokens.format_bytes(adapter_bytes)}; the two embedding 
 
 # %%
 reloaded, reloaded_tok = tokens.load_adapter(cfg.base_model, adapter_dir, load_in_4bit=cfg.load_in_4bit)
-again = sft.generate(reloaded, reloaded_tok, questions[:2], max_new_tokens=48)
+again = sft.generate(reloaded, reloaded_tok, questions[:2], max_new_tokens=reply_tokens)
 print("same replies after reload:", [g.reply for g in again] == [g.reply for g in after[:2]])
 del reloaded
 
@@ -204,3 +234,31 @@ finish_stage(run, "02_sft", metrics)
 if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
     hub.push_stage(run, "02_sft", push_to_hub)
 metrics
+
+# %% [markdown]
+# ## Your turn
+# **1. Ask SAWYER your own question.** Change the text and run the cell: does it answer in the format, and stop?
+
+# %%
+my_question = "What should I pack for a weekend hike?"  # <- your question
+mine = sft.generate(model, tokenizer, [my_question], max_new_tokens=64)[0]
+print(f"SAWYER: {mine.reply}\n(stopped with ###STOP###: {mine.stopped})")
+
+# %% [markdown]
+# **2. What the mask saves.** Without completion-only masking the loss would also grade the *prompt*: the model
+# would spend its capacity learning to write human turns. How many tokens would the loss see then?
+
+# %%
+graded = sum(sum(label != sft.IGNORE_INDEX for label in e["labels"]) for e in train_examples)
+total = sum(len(e["labels"]) for e in train_examples)
+print(f"completion-only: {graded:,} of {total:,} training tokens graded ({graded / total:.0%}); "
+      f"without the mask all {total:,} would be")
+
+# %% [markdown]
+# **3. Temperature.** Greedy decoding always gives the same reply; sampling does not. Sample the same question
+# three times at `temperature = 0.7`, then at 1.5: where does the format start to break?
+
+# %%
+temperature = 0.7  # <- try 1.5
+for g in sft.generate(model, tokenizer, [my_question] * 3, max_new_tokens=48, do_sample=True, temperature=temperature):
+    print("-", g.reply[:150], "| stopped:", g.stopped)
