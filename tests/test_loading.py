@@ -213,7 +213,9 @@ def test_fp16_sft_step_matches_fp32(tmp_path, monkeypatch):
     a = torch.cat([g32[n].flatten() for n in sorted(g32)])
     b = torch.cat([g16[n].flatten() for n in sorted(g16)])
     assert a.norm() > 0 and b.isfinite().all()
-    assert (b - a).norm() / a.norm() < 0.02
+    rel = float((b - a).norm() / a.norm())
+    print(f"fp16 vs fp32 LoRA gradients: relative L2 error {rel:.2e}")
+    assert rel < 0.02
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
 
 
