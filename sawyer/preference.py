@@ -16,7 +16,8 @@ module supplies what the comparison needs to be fair: DPO pairs from notebook 03
 SAWYER's chat template and tokenised exactly like SFT's examples; GRPO prompts from notebook 04's **train
 split**; a reward adapter that hands GRPO the **same** reward object PPO used; the same trainable set as PPO
 (LoRA of the policy adapter; the marker rows stay at their SFT values); a frozen SFT reference as a second
-adapter on the same base weights (TRL copies the loaded adapter to one named ``"ref"``); and cost accounting.
+adapter on the same base weights (TRL copies the loaded adapter to one named ``"ref"``, ``sync_reference``
+completes the copy with the marker rows); and cost accounting.
 
 **One shim, and why.** TRL 1.16 computes log-probs with a fused LM head that reads ``lm_head.weight`` and
 ``lm_head.bias``. Our adapters train the marker rows of an untied ``lm_head`` through PEFT's
