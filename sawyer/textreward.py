@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-#: ``model id -> {label: scorer class name}`` that ``summary_reward`` recognises instead of a classifier id.
+#: ``model id -> its labels``: the ids ``summary_reward`` reads as offline text scorers instead of classifiers.
 TEXT_SCORERS = {"vader": ("neu",), "harper": ("grammar",)}
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
