@@ -13,7 +13,8 @@ Colab user re-runs notebooks after every disconnect. The rules, all here so they
    resumed only when the fingerprint is unchanged; otherwise the stage folder is cleared and the stage starts
    fresh, with a printed line that names what changed (``upstream 02_sft was re-run``; ``settings.kl_coef``).
 4. **A stage ends** with ``stage.finish(metrics)``: ``metrics.json`` (plus wall time and peak memory), then
-   ``DONE``, last. ``--resume`` in the runner skips only DONE stages.
+   ``DONE``, last. ``--resume`` in the runner skips only DONE stages that are still current: a DONE 04 whose
+   02 was re-run since is stale (``stale_upstream``), and ``require_stages`` refuses it too.
 5. **Checkpoints** are folders written all-or-nothing (``atomic_folder``): into a temporary folder, then
    swapped in with two renames; a crash between them leaves ``.checkpoint-old``, which ``recover`` puts back.
 6. **Damaged files** (truncated by a crash, a full Drive) raise ``DamagedFile`` naming the file and the fix
