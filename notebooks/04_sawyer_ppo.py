@@ -86,6 +86,14 @@ out = stage.folder
 sft_adapter = run / "02_sft" / "adapter"
 print(f"SFT adapter: {sft_adapter}\nreward model: {run / '03_reward_model' / 'model'}\nrun folder: {out}")
 
+# %%
+from IPython.display import Markdown
+
+from sawyer import evaluation, sft
+
+if banner := evaluation.banner(course.name):  # on `tiny`: say once, visibly, what its numbers can and cannot mean
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## 1. Prompts: dolly instructions as SAWYER human turns
 # Instruction, plus its context paragraph when there is one, formatted as `###HUMAN### ... ###BOT###`.
@@ -141,13 +149,27 @@ history = runs.read_log(out / "ppo_log.jsonl", max_step=state.step)  # the steps
 # %% [markdown]
 # ## 4. The PPO loop
 #
+# The reward model scores *text*: nothing differentiable connects its logit to SAWYER's weights. The policy
+# gradient does not need one (notebook 01, section 5, derives it): by the log-derivative trick
+# $\nabla_\theta \mathbb{E}_{y\sim\pi_\theta}[r] = \mathbb{E}_{y\sim\pi_\theta}[r\,\nabla_\theta \log\pi_\theta(y)]$, so sampling an answer,
+# scoring it and raising the log-probability of its tokens in proportion to the advantage is enough (REINFORCE);
+# PPO adds the clipped ratio and the KL penalty.
+#
 # One step = **rollout -> score -> update**:
 # 1. `rollout`: sample an answer for each of 8 prompts (batched, temperature 1, no top-k/top-p, because the
 #    training pass must compute the log-probs of the very distribution that sampled), and record the
 #    log-probs under the policy and the reference, and the value head's estimates;
 # 2. `score`: the reward model's logit for each (question, answer);
-# 3. `update`: per-token reward $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the score on the last token; GAE
-#    advantages; then PPO epochs of the clipped objective on minibatches.
+# 3. `update`: the score is first *shaped*: normalised by running statistics (mean 0, std 1 over every score so
+#    far; raw logits sit far from the value head's starting 0), clipped to $\pm 3$, and lowered by 1 for an
+#    answer cut off at the length limit without `###STOP###` (rambling must not pay); then the per-token reward
+#    $-\beta(\log\pi - \log\pi_{\text{ref}})$ plus the shaped score on the last token; GAE advantages; then PPO
+#    epochs of the clipped objective on minibatches. An answer that starts a new `###HUMAN###` turn ends there.
+#
+# **The KL coefficient $\beta$, honestly:** the "adaptive" controller multiplies $\beta$ by at most
+# $1 \pm 0.2 \cdot 8/10000$ per step at batch 8, i.e. 0.016%. Over the original's 450 steps $\beta$ stayed
+# within 0.186-0.215. It does not steer the KL towards its target at this scale; it is a fixed $\beta$ with a
+# slow drift. The plot shows $\beta$ (`objective/kl_coef`) next to the KL so you can see it.
 #
 # **What the KL term protects:** without it, the policy would drift to whatever the reward model over-rates
 # (for this one: length, see notebook 03) and forget how to hold a conversation. **What to look for:** the
@@ -171,22 +193,40 @@ for step in range(state.step, cfg.steps):
         clear_output(wait=True)
         print(f"step {state.step}/{cfg.steps}: score {stats['objective/score']:.3f}, KL {stats['objective/kl']:.3f},"
               f" beta {stats['objective/kl_coef']:.3f}")
-        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "response/length"),
-                                      path=out / "training_curves.png"))
+        display(plots.training_curves(history, keys=("objective/score", "objective/kl", "objective/kl_coef",
+                                                     "response/length"), path=out / "training_curves.png"))
         display(pd.DataFrame(samples[-6:]))
 
 # %% [markdown]
 # ## 5. What PPO logged
 # Every step's statistics are in `04_ppo/ppo_log.jsonl` (`sawyer.plots.redraw_run` redraws all figures from
 # such logs). `policy/clipfrac` above ~0.2 means steps are too big; `val/explained_variance` near 1 means the
-# value head predicts the returns well.
+# value head predicts the returns well (it starts near 0, and stays there if the head cannot tell good answers
+# from bad ones before they are written: on `tiny` it has only a handful of steps); `response/truncated` is the
+# share of answers cut off by the length limit.
 
 # %%
 log = pd.DataFrame(history).set_index("step")
-display(log[["objective/score", "objective/kl", "objective/kl_coef", "policy/clipfrac", "policy/approx_kl",
-             "val/explained_variance", "response/length", "time/generate", "time/train"]].round(3).tail(10))
+display(log[["objective/score", "objective/shaped_score", "objective/kl", "objective/kl_coef", "policy/clipfrac",
+             "policy/approx_kl", "val/explained_variance", "response/length", "response/truncated", "time/generate",
+             "time/train"]].round(3).tail(10))
 display(plots.training_curves(history, keys=("policy/clipfrac", "policy/approx_kl", "loss/value",
                                              "val/explained_variance"), path=out / "ppo_diagnostics.png"))
+
+# %% [markdown]
+# ### Aside: from the reward model to DPO in three lines
+# The KL-regularised objective $\max_\pi \mathbb{E}_{y\sim\pi}[r(x,y)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_{\text{ref}})$ that PPO
+# climbs step by step has a closed-form optimum (Rafailov et al. 2023):
+#
+# $$ \pi^*(y\mid x) = \frac{1}{Z(x)}\,\pi_{\text{ref}}(y\mid x)\, e^{r(x,y)/\beta} \quad\Longleftrightarrow\quad r(x,y) = \beta \log\frac{\pi^*(y\mid x)}{\pi_{\text{ref}}(y\mid x)} + \beta \log Z(x). $$
+#
+# Put that reward into notebook 03's Bradley-Terry loss: $\beta\log Z(x)$ is the same for both answers to one
+# question and cancels in the difference, leaving a loss on the policy itself, with no reward model and no sampling:
+#
+# $$ \mathcal{L}_{\text{DPO}} = -\log\sigma\Big(\beta \log\frac{\pi_\theta(y_w\mid x)}{\pi_{\text{ref}}(y_w\mid x)} - \beta \log\frac{\pi_\theta(y_l\mid x)}{\pi_{\text{ref}}(y_l\mid x)}\Big). $$
+#
+# The price: DPO learns only from the answers in the preference data, never from SAWYER's own attempts, and it
+# trusts the Bradley-Terry model exactly; PPO can explore, and pays for it with sampling and a reward model.
 
 # %% [markdown]
 # ## 6. Save the PPO adapter for notebook 05 and the chat app
@@ -209,3 +249,28 @@ finish_stage(run, "04_ppo", metrics)
 if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
     hub.push_stage(run, "04_ppo", push_to_hub)
 metrics
+
+# %% [markdown]
+# ## Your turn
+# **1. Ask SAWYER+RL your own question.** The policy in memory is now the PPO model.
+
+# %%
+my_question = "How do I make my houseplants grow faster?"  # <- your question
+print(sft.generate(policy, tokenizer, [my_question], max_new_tokens=64)[0].reply)
+
+# %% [markdown]
+# **2. Spot the reward hacking.** The sampled answers with the highest scores during training, with their length:
+# are they better answers, or only longer / more repetitive ones the reward model over-rates (notebook 03)?
+
+# %%
+best = sorted(samples, key=lambda s: -s["score"])[:5]
+display(pd.DataFrame([{**s, "words": len(s["answer"].split())} for s in best]))
+
+# %% [markdown]
+# **3. Loosen or tighten the leash.** Re-run this notebook with another `run_dir` (so this run is kept) and, in
+# the set-up cell, `cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, kl_coef=0.02, adaptive_kl=False))`
+# (or `kl_coef=1.0`). Compare `objective/kl` and the answers with this run's. The settings this run used:
+
+# %%
+print({k: getattr(state.config, k) for k in ("kl_coef", "adaptive_kl", "kl_target", "cliprange", "learning_rate",
+                                              "batch_size", "ppo_epochs", "temperature", "max_new_tokens")})
