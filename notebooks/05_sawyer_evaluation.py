@@ -63,7 +63,7 @@ from IPython.display import display
 from sawyer import chat, data, evaluation, plots, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
-from sawyer.reward import CrossEncoderReward, length_bias
+from sawyer.reward import CrossEncoderReward
 from sawyer.workshop import finish_stage, require_stages, resolve_run_dir, stage_dir
 
 course = get_preset(preset)
@@ -79,6 +79,15 @@ hub.pull_stages(run, {"02_sft": sft_from_hub, "03_reward_model": reward_model_fr
 require_stages(run, "02_sft", "03_reward_model", "04_ppo")
 out = stage_dir(run, "05_evaluation")
 torch.manual_seed(seed)
+print(f"run folder: {out}")
+
+# %%
+from IPython.display import Markdown
+
+from sawyer import textstats
+
+if banner := evaluation.banner(course.name):  # on `tiny`: say once, visibly, what its numbers can and cannot mean
+    display(Markdown(banner))
 
 # %% [markdown]
 # ## 1. Three models on one copy of the base weights
@@ -132,6 +141,73 @@ display(pd.DataFrame({"prompt": [chat.question_from_prompt(p)[:60] for p in test
                       **{name: [a[:80] for a in answers[name]] for name in MODELS}}).head(5))
 
 # %% [markdown]
+# ## 2b. One question, three models
+# The workshop's central slide: the same question to the base model, SFT and SFT+RL, side by side, with the reward
+# of each answer. Greedy decoding, so the answers differ only because the models do. **What to look for:** the base
+# model rambles or leaves the format, SFT answers and stops, SFT+RL answers in the style the reward model likes
+# (read it: better, or only longer?).
+
+# %%
+showcase = ["What is the capital of France?", "How can I improve my sleep?",
+            "Explain what a neural network is to a ten-year-old.", "Write a haiku about autumn.",
+            "Should I learn Python or JavaScript first?"]
+showcase_prompts = [chat.format_prompt([("human", q)]) for q in showcase]
+
+
+def three_models(prompts):
+    """Greedy answers of base, SFT and SFT+PPO to ``prompts`` and the reward model's score of each."""
+    rows = {}
+    for name in MODELS:
+        with use(name):
+            replies = evaluation.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                          batch_size=cfg.batch_size, stop_token_ids=chat.stop_token_ids(tokenizer),
+                                          progress=False)
+        replies = [chat.extract_reply(a) for a in replies]
+        rows[name] = replies
+        rows[f"{name} reward"] = reward_fn(prompts, replies).numpy().round(2)
+    return pd.DataFrame(rows, index=[chat.question_from_prompt(p) for p in prompts])
+
+
+with pd.option_context("display.max_colwidth", 200):
+    display(three_models(showcase_prompts))
+
+# %% [markdown]
+# **Ask your own question** (change the text and run the cell again):
+
+# %%
+my_question = "What is a good way to start running?"  # <- your question
+with pd.option_context("display.max_colwidth", 300):
+    display(three_models([chat.format_prompt([("human", my_question)])]).T)
+
+# %% [markdown]
+# **The vibe check: chat with SAWYER in Streamlit.** The app (`sawyer/app.py`) loads the base model with an adapter
+# once and keeps the conversation. From a terminal in the course folder, with the paths this run used:
+#
+# ```bash
+# streamlit run sawyer/app.py -- --base <base model> --adapter <run folder>/04_ppo/adapter
+# ```
+#
+# On **Colab** there is no terminal to open a port from: the next cell starts the app in the background and prints
+# a link through Colab's port proxy (`google.colab.kernel.proxyPort`). Use a T4 runtime and stop the app
+# (`app.terminate()`) before training again, as it holds its own copy of the model in GPU memory.
+
+# %%
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from sawyer.notebooks import REPO_ROOT  # noqa: E402
+
+app_cmd = [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "sawyer" / "app.py"), "--server.port",
+           "8501", "--server.headless", "true", "--", "--base", course.sft.base_model,
+           "--adapter", str(run / "04_ppo" / "adapter")] + (["--load-in-4bit"] if course.ppo.load_in_4bit else [])
+print(" ".join(app_cmd[2:]))
+if "google.colab" in sys.modules:
+    from google.colab.output import eval_js  # type: ignore[import-not-found]
+
+    app = subprocess.Popen(app_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    print("open the chat:", eval_js("google.colab.kernel.proxyPort(8501)"))
+
+# %% [markdown]
 # ## 3. Reward distributions
 # **What to look for:** the whole box moving, not only the mean. In the original, PPO raised the mean
 # (5.70 -> 6.92) and, tellingly, shrank the spread (std 3.52 -> 1.86): fewer bad answers, not only better ones.
@@ -140,6 +216,19 @@ display(pd.DataFrame({"prompt": [chat.question_from_prompt(p)[:60] for p in test
 display(evaluation.summary_table(rewards).round(3))
 display(plots.reward_boxplot(rewards, path=out / "reward_boxplot.png"))
 display(plots.reward_histograms(rewards, path=out / "reward_histograms.png"))
+
+# %% [markdown]
+# ### Next to the reward: what else moved?
+# The original workshop measured question-answer similarity next to the reward. Here: length, **distinct-n**
+# (unique word n-grams / all n-grams across the answers: falls when a model repeats the phrases the reward likes),
+# **repetition** within an answer, the share of **empty** answers, and a lexical **relevance** to the question.
+# **What to look for:** a reward gain that comes with falling relevance or diversity is reward hacking.
+
+# %%
+questions_text = [chat.question_from_prompt(p) for p in test_prompts]
+secondary = textstats.metrics_table(answers, prompts=questions_text)
+secondary.insert(0, "reward mean", [float(rewards[n].mean()) for n in secondary.index])
+display(secondary.round(3))
 
 # %% [markdown]
 # ## 4. Is the change real?
@@ -167,11 +256,16 @@ display(pd.DataFrame({label: {"mean diff": t["bootstrap"]["diff"], "CI low": t["
 # correlation is strong for the PPO model.
 
 # %%
-bias = {name: length_bias(rewards[name], lengths[name]) for name in MODELS}
+truncated = {name: evaluation.truncated_mask(reward_fn.tokenizer, questions_text, answers[name], reward_fn.max_length)
+             for name in MODELS}  # scored cut off by the reward model: left out of rho
+bias = {name: evaluation.length_bias_check(rewards[name], lengths[name], truncated[name]) for name in MODELS}
 display(pd.DataFrame({name: {"mean length (words)": sum(lengths[name]) / len(lengths[name]),
-                             "Spearman rho": bias[name]["spearman_rho"], "p": bias[name]["spearman_p"]}
-                      for name in MODELS}).T.round(3))
-display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answers", path=out / "length_ppo.png"))
+                             "truncated": bias[name]["n_truncated"], "Spearman rho": bias[name]["spearman_rho"],
+                             "95% CI low": bias[name]["ci_low"], "95% CI high": bias[name]["ci_high"],
+                             "p": bias[name]["spearman_p"]} for name in MODELS}).T.round(3))
+print(f"SFT+PPO answers: {bias['ppo']['verdict']}.")
+display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answers", unit="words",
+                             truncated=truncated["ppo"], path=out / "length_ppo.png"))
 
 # %% [markdown]
 # ## 6. What RL does not change: knowledge
@@ -182,7 +276,10 @@ display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answ
 #   of each letter as the next token.
 #
 # The error bars are 95% Wilson intervals: with a few dozen questions they are wide, so small differences mean
-# nothing. **What to look for:** overlapping intervals between SFT and PPO.
+# nothing. The dashed line is **chance** (1 / number of choices, averaged over the questions): a model whose interval
+# reaches it is indistinguishable from guessing. **What to look for:** overlapping intervals between SFT and PPO.
+# When RL *lowers* such scores (the original: TruthfulQA 0.329 -> 0.222) the literature calls it the
+# **alignment tax**: the price in capability paid for the preferred style.
 
 # %%
 benchmarks = {"truthful_qa mc1": data.load_truthful_qa_mc1(cfg.truthful_qa, n=cfg.max_questions, shuffle_seed=cfg.seed),
@@ -197,14 +294,21 @@ for bname, questions in benchmarks.items():
             if name != "base":
                 bench[f"{bname} | {name} | letter"] = evaluation.score_letter_answer(
                     model, tokenizer, questions, batch_size=cfg.batch_size, label=f"{bname} / {name}")
-summary = {k: {f: v[f] for f in ("accuracy", "ci_low", "ci_high", "n")} for k, v in bench.items()}
+chance = {bname: sum(1 / len(q.choices) for q in questions) / len(questions) for bname, questions in benchmarks.items()}
+summary = {k: {f: v[f] for f in ("accuracy", "ci_low", "ci_high", "n")} | {"chance": chance[k.split(" | ")[0]]}
+           for k, v in bench.items()}
 (out / "benchmarks.json").write_text(json.dumps(summary, indent=1))
 display(pd.DataFrame(summary).T.round(3))
-display(plots.accuracy_bars({k: v for k, v in summary.items() if "loglik" in k}, path=out / "benchmarks.png"))
+display(plots.accuracy_bars({k: v for k, v in summary.items() if "loglik" in k}, path=out / "benchmarks.png",
+                            title="Log-likelihood protocol (95% Wilson CI, dashed: chance)"))
+display(plots.accuracy_bars({k: v for k, v in summary.items() if "letter" in k}, path=out / "benchmarks_letter.png",
+                            title="Letter protocol, the original's (95% Wilson CI, dashed: chance)"))
 
 # %% [markdown]
 # ## 7. What RL changed, and what it did not
-# Generated from the numbers above.
+# Generated from the numbers above. Was PPO worth it? Notebook 06 trains DPO and GRPO from the same SFT adapter,
+# on the same data and reward model, and adds them to this comparison on these same prompts (the three-way
+# table is in its stage folder and in the run's `report.md`).
 
 # %%
 ppo_vs_sft = tests["PPO vs SFT"]
@@ -221,7 +325,10 @@ for bname in benchmarks:
     lines.append(f"**{bname}.** SFT {s['accuracy']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}] vs PPO "
                  f"{p['accuracy']:.3f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]: "
                  + ("the intervals overlap: no evidence that RL changed what the model knows."
-                    if overlap else "the intervals do not overlap: RL changed accuracy here; read the answers."))
+                    if overlap else "the intervals do not overlap: RL changed accuracy here; read the answers.")
+                 + (f" Both are indistinguishable from chance ({chance[bname]:.2f}): this model cannot answer these yet."
+                    if max(s["ci_low"], p["ci_low"]) <= chance[bname] else "")
+                 + (" A drop like this is the alignment tax." if not overlap and p["accuracy"] < s["accuracy"] else ""))
 from IPython.display import Markdown  # noqa: E402
 
 display(Markdown("\n\n".join(lines)))
@@ -241,3 +348,30 @@ metrics = {"preset": course.name, "n_prompts": len(test_prompts),
            "summary": " ".join(lines)}
 finish_stage(run, "05_evaluation", metrics)
 metrics
+
+# %% [markdown]
+# ## Your turn
+# **1. Ask SAWYER your own question**: section 2b's `my_question`, or a list of your own below, all three models.
+
+# %%
+my_questions = ["Give me three tips for a job interview.", "Why is the sky blue?"]  # <- your questions
+with pd.option_context("display.max_colwidth", 200):
+    display(three_models([chat.format_prompt([("human", q)]) for q in my_questions]))
+
+# %% [markdown]
+# **2. Does the verdict survive a smaller test set?** Re-run the PPO-vs-SFT comparison on the first `n` prompts
+# only. How small can `n` get before "a shift" turns into "no detectable change"?
+
+# %%
+n = max(4, len(test_prompts) // 3)  # <- try other sizes
+small = evaluation.compare(rewards["sft"][:n], rewards["ppo"][:n], paired=True, n_resamples=2000, seed=cfg.seed)
+print(f"first {n} prompts: " + evaluation.describe_change("reward", small))
+
+# %% [markdown]
+# **3. Read the answers the reward model loves.** The five PPO answers with the highest reward, with their length:
+# are they the best answers, or the longest?
+
+# %%
+top = sorted(range(len(test_prompts)), key=lambda i: -rewards["ppo"][i])[:5]
+display(pd.DataFrame({"question": [questions_text[i][:60] for i in top], "PPO answer": [answers["ppo"][i][:150] for i in top],
+                      "reward": [round(float(rewards["ppo"][i]), 2) for i in top], "words": [lengths["ppo"][i] for i in top]}))
