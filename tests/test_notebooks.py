@@ -38,6 +38,21 @@ def test_runner_prints_one_line_per_notebook_and_writes_the_report(course_run):
     assert set(timings) == {stem for _, stem, _, _ in workshop.COURSE}
 
 
+def test_executed_notebooks_carry_their_figures_once_and_no_noise(course_run):
+    """Each figure call leaves exactly one image in its cell (no inline-backend duplicate, no stale copies of a
+    live plot, none lost to a non-inline backend); no FutureWarning, kernel/TCP line, widget bar or raw ANSI."""
+    from sawyer.notebooks import output_problems
+
+    run_dir, _ = course_run
+    problems, images = [], 0
+    for _, stem, _, _ in workshop.COURSE:
+        executed = run_dir / "notebooks" / f"{stem}.ipynb"
+        problems += output_problems(executed)
+        images += executed.read_text().count('"image/png"')
+    assert problems == []
+    assert images >= 15  # the course draws at least 15 figures on tiny
+
+
 def test_01_reward_rises_and_before_after_is_computed(course_run):
     run_dir, _ = course_run
     m = metrics(run_dir, "01_summaries")
