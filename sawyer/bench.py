@@ -335,7 +335,7 @@ def floors(cfg: dict, a, matmul_gflops: float, bandwidth_gbs: float) -> dict:
 
 def probe(cfg: dict, a) -> tuple[float, float]:
     """Measured matmul rate (GFLOP/s) at the model's MLP shape (B(P+T) x hidden @ hidden x inter) and copy
-    bandwidth (GB/s: bytes read + written), median of a few repeats, with ``a.threads`` threads."""
+    bandwidth (GB/s: bytes read + written), with ``a.threads`` threads."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -347,19 +347,30 @@ def probe(cfg: dict, a) -> tuple[float, float]:
     src = torch.randn(64 * 2**20 if dev == "cpu" else 512 * 2**20, device=dev)  # 256 MiB / 2 GiB fp32
     dst = torch.empty_like(src)
 
-    def best(fn, reps: int) -> float:
-        fn()
+    def best(fn, reps: int = 7) -> float:
+        """Seconds per call: the fastest of ``reps`` timings, each of enough calls to last >= 50 ms. The
+        fastest, not the median: a floor takes the rate the machine reaches, not what load left of it."""
+        calls, t = 1, 0.0
+        while t < 0.05 and calls < 2**16:
+            calls *= 2
+            sync()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            t = time.perf_counter() - t
         times = []
         for _ in range(reps):
             sync()
             t = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+            times.append((time.perf_counter() - t) / calls)
+        return min(times)
 
-    mm = best(lambda: [x @ w for _ in range(10)], 5) / 10
-    cp = best(lambda: dst.copy_(src), 5)
+    mm = best(lambda: x @ w)
+    cp = best(lambda: dst.copy_(src))
     return 2 * m * k * n / mm / 1e9, 2 * src.numel() * src.element_size() / cp / 1e9
 
 
