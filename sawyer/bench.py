@@ -75,17 +75,19 @@ def model_folder(a) -> Path:
 
 
 def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose vocabulary is ``t0 .. t{V-1}`` (t0 = pad, t1 = EOS), as the peer's.
+    """A word-level tokenizer: id 0 = ``<pad>``, id 1 = ``</s>`` (EOS), id i >= 2 = the word ``t{i}``.
 
-    Prompts are written as ``"t17 t4242 ..."`` so both sides see the same token ids; whitespace splitting
-    makes a prompt of n words exactly n tokens.
+    Prompts are written as ``"t17 t4242 ..."`` so both sides see the same token ids (the peer is handed ids);
+    whitespace splitting makes a prompt of n words exactly n tokens. The special tokens must not be words of
+    the form ``t{i}``: added tokens match inside words, so a pad token "t1" would split "t16406" in two.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    inner = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    vocab = {"<pad>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="t0", eos_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="</s>")
 
 
 # ============================================================================ 2. our side (one process)
@@ -123,6 +125,9 @@ def worker(a) -> None:
         batch = ppo.rollout(state, prompts)
         sync()
         rollout_s = time.perf_counter() - t
+        if not torch.equal(batch.prompt_ids.cpu(), torch.stack(ids)):
+            raise RuntimeError("the tokenizer did not map the prompt words back to their ids (expected exactly "
+                               f"--prompt {a.prompt} tokens per prompt, got {tuple(batch.prompt_ids.shape)})")
         scores = ppo.score(state, batch, reward_fn)
         stats = ppo.update(state, batch, scores)
         sync()

@@ -82,6 +82,14 @@ def test_compare_ratios_and_markdown(report):
     assert rep["versions"]["peer"]["torch"] == torch.__version__  # the stand-in ran in our python
 
 
+def test_word_tokenizer_maps_words_to_their_ids():
+    tok = bench.word_tokenizer(32000)
+    ids = [2, 16406, 10, 31999, 1000]   # "t16406" once split into "t1" + "6406" when t1 was the EOS token
+    assert tok(" ".join(f"t{i}" for i in ids))["input_ids"] == ids
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+    assert tok.decode([0, 12, 1, 345], skip_special_tokens=True) == "t12 t345"
+
+
 def test_summarise_literal_values():
     def run(side, rnd, totals):
         return {"side": side, "round": rnd, "load_after": 1.0 + rnd, "result": {"peak_rss_mib": 10.0 * (rnd + 1)},
