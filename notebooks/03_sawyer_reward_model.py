@@ -82,6 +82,14 @@ out = stage.folder
 torch.manual_seed(seed)
 print(f"reward-model base: {cfg.base_model}; run folder: {out}")
 
+# %%
+from IPython.display import Markdown
+
+from sawyer import evaluation
+
+if banner := evaluation.banner(course.name):  # on `tiny`: say once, visibly, what its numbers can and cannot mean
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## 1. Comparisons -> pairs
 # Each item has an Alpaca-style prompt and 3-4 responses scored 1-10. The question is the text after
@@ -101,7 +109,8 @@ display(pd.DataFrame([{"question": p.question[:100], "better": p.better[:100], "
 # %% [markdown]
 # ## 2. The cross-encoder: `AutoModelForSequenceClassification(num_labels=1)`
 # One scalar head on top of the encoder. Before training the head is random, so pairwise accuracy on held-out
-# pairs is a coin flip (the original measured 0.372).
+# pairs is a coin flip (the original measured 0.372). transformers says so in its LOAD REPORT: the head's
+# `classifier.*` weights are MISSING from the pretrained checkpoint, i.e. newly initialised. Expected, not an error.
 
 # %%
 model = loading.load_classifier(cfg.base_model, num_labels=1)
@@ -111,6 +120,16 @@ print(f"held-out pairwise accuracy before training: {acc_before:.3f}")
 
 # %% [markdown]
 # ## 3. Train with the pairwise margin loss
+#
+# **Bradley-Terry** (1952) models a judge who prefers answer $a$ over $b$ with probability
+#
+# $$ P(a \succ b \mid q) = \frac{e^{r(q,a)}}{e^{r(q,a)} + e^{r(q,b)}} = \sigma\big(r(q,a) - r(q,b)\big), $$
+#
+# so only *differences* of rewards matter (adding a constant to every reward changes nothing). Maximising the
+# likelihood of the observed preferences is minimising $-\log\sigma(r(q,a_{\text{better}}) - r(q,a_{\text{worse}}))$,
+# the loss of InstructGPT's reward model; the margin $m$ in the equation at the top asks for a gap that grows with
+# the judged score difference (Llama-2's variant). Set `margin="none"` in `RewardConfig` for plain Bradley-Terry.
+#
 # **What to look for:** the loss falls and the training accuracy climbs; with a margin, the loss stays above
 # zero longer, because "better by 7 points" must become a big reward gap, not just any gap.
 
@@ -136,8 +155,10 @@ display(plots.margin_histogram(margins.numpy(), path=out / "margins.png"))
 # %% [markdown]
 # ## 5. Length bias: does the reward model pay for length?
 # The original reward model preferred long, rambling answers. We score every held-out response and correlate
-# reward with length. **What to look for:** a clearly positive correlation means PPO in notebook 04 can raise
-# the reward just by writing more; we will check response length before and after PPO in notebook 05.
+# reward with length (in **words**). An answer longer than the reward model's token window (`max_length`) is scored
+# on a cut-off text, so its reward says nothing about its full length: those are **marked** (red crosses) and
+# **left out** of Spearman's rho, which comes with its 95% interval. **What to look for:** a clearly positive rho
+# means PPO in notebook 04 can raise the reward just by writing more; we check length again after PPO in notebook 05.
 
 # %%
 seen, qs, answers = set(), [], []
@@ -149,13 +170,13 @@ for pair in eval_pairs:
             answers.append(ans)
 scores = reward.score_pairs(model, tokenizer, qs, answers, max_length=cfg.max_length)
 lengths = [len(a.split()) for a in answers]
-bias = reward.length_bias(scores, lengths)
-print(f"reward vs length (words) over {bias['n']} responses: Pearson r = {bias['pearson_r']:.2f} "
-      f"(p = {bias['pearson_p']:.2g}), Spearman rho = {bias['spearman_rho']:.2f}")
-print("Interpretation: " + ("the reward model pays for length; expect PPO to lengthen answers."
-                            if bias["spearman_rho"] > 0.3 and bias["spearman_p"] < 0.05 else
-                            "no strong length preference on these responses (check again after PPO)."))
-display(plots.length_scatter(lengths, scores.numpy(), label="held-out responses", path=out / "length_bias.png"))
+truncated = evaluation.truncated_mask(tokenizer, qs, answers, cfg.max_length)
+bias = evaluation.length_bias_check(scores.numpy(), lengths, truncated)
+print(f"{bias['n_truncated']} of {len(answers)} responses exceed the {cfg.max_length}-token window and were scored "
+      f"cut off: left out (with them, rho = {bias['rho_with_truncated']:.2f}).")
+print(f"Reward vs length: {bias['verdict']}.")
+display(plots.length_scatter(lengths, scores.numpy(), label="held-out responses", unit="words", truncated=truncated,
+                             path=out / "length_bias.png"))
 
 # %% [markdown]
 # ## 6. Spot check: hand-written answers to one question
@@ -173,6 +194,13 @@ spot = [
 ]
 spot_scores = reward.score_pairs(model, tokenizer, [question] * len(spot), spot, max_length=cfg.max_length)
 display(plots.spotcheck_bar(spot, spot_scores.numpy(), path=out / "spotcheck.png"))
+helpful, padded = float(spot_scores[0]), float(spot_scores[-1])
+padded_cut = evaluation.truncated_mask(tokenizer, [question], spot[-1:], cfg.max_length)[0]
+print(f"The padded answer scores {padded:.2f}, the helpful one {helpful:.2f}"
+      + (" (the padded one was cut at the token window)" if padded_cut else "") + ". "
+      + ("The reward model prefers the padding: length bias in miniature, whatever the correlation above says."
+         if padded > helpful else "The helpful answer wins this one: no sign of paying for padding here.")
+      + f" Held-out rho: {bias['spearman_rho']:.2f} [{bias['ci_low']:.2f}, {bias['ci_high']:.2f}].")
 
 # %% [markdown]
 # ## 7. Save it for PPO
@@ -190,3 +218,40 @@ finish_stage(run, "03_reward_model", metrics)
 if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)
     hub.push_stage(run, "03_reward_model", push_to_hub)
 metrics
+
+# %% [markdown]
+# ## Your turn
+# **1. Plain Bradley-Terry.** Train a second reward model with `margin="none"` (no score-difference margin) for a
+# few steps and compare its held-out accuracy and margins with the one above. Which one separates "better by 1"
+# from "better by 7"? (The dry run trains 5 steps; try the preset's full budget on a T4.)
+
+# %%
+exercise_steps = 5 if course.name == "tiny" else 100  # <- more steps, closer to a fair comparison
+plain_cfg = dataclasses.replace(cfg, margin="none", max_steps=exercise_steps)
+plain = loading.load_classifier(cfg.base_model, num_labels=1)
+reward.train_reward_model(plain, tokenizer, train_pairs, plain_cfg, progress=False)
+plain_margins = reward.reward_margins(plain, tokenizer, eval_pairs, max_length=cfg.max_length)
+print(f"margin='none', {exercise_steps} steps: held-out accuracy "
+      f"{reward.pairwise_accuracy(plain, tokenizer, eval_pairs, max_length=cfg.max_length):.3f}, mean margin "
+      f"{float(plain_margins.mean()):.2f} (with the score-difference margin: {acc_after:.3f}, {float(margins.mean()):.2f})")
+del plain
+
+# %% [markdown]
+# **2. Fool the reward model.** Write answers that should score badly but might not (flattery, confident nonsense,
+# the question repeated back) and see where they land next to the helpful one.
+
+# %%
+mine = ["Great question! You are clearly very smart. Sleep is great.",  # <- your answers
+        "How can I improve my sleep? How can I improve my sleep?"]
+mine_scores = reward.score_pairs(model, tokenizer, [question] * len(mine), mine, max_length=cfg.max_length)
+for answer, score in zip(mine, mine_scores.tolist()):
+    print(f"{score:6.2f}  {answer}")
+
+# %% [markdown]
+# **3. Where it is wrong.** The three held-out pairs with the most negative margin: is the label wrong, or the model?
+
+# %%
+worst = margins.argsort()[:3].tolist()
+display(pd.DataFrame([{"question": eval_pairs[i].question[:80], "better (label)": eval_pairs[i].better[:100],
+                       "worse (label)": eval_pairs[i].worse[:100], "margin": round(float(margins[i]), 2)}
+                      for i in worst]))
