@@ -141,9 +141,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def _chunk_logprobs(logits, labels, temperature, suppress_ids, suppress_until):
-    x = logits.float() / temperature                                             # (b, T, V) fp32, one chunk
+    x = logits.float()                                                           # (b, T, V) fp32 (no copy if fp32)
+    if temperature != 1.0:
+        x = x / temperature
     if suppress_ids and suppress_until > 0:  # what generate's min_new_tokens did to the stop tokens
-        x[:, :suppress_until, list(suppress_ids)] = torch.finfo(x.dtype).min
+        banned = torch.zeros(x.shape[1:], dtype=torch.bool, device=x.device)    # (T, V), broadcast over b
+        banned[:suppress_until, list(suppress_ids)] = True
+        x = x.masked_fill(banned, torch.finfo(x.dtype).min)  # out of place: never writes into the model's logits
     return torch.log_softmax(x, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)   # (b, T)
 
 
@@ -155,10 +159,12 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int 
     1 GiB for Llama-3), so it is built ``chunk_size`` samples at a time; with gradients on, each chunk is
     recomputed in the backward pass (activation checkpointing) instead of being kept. ``suppress_ids`` are
     banned in the first ``suppress_until`` positions, exactly as ``generate(min_new_tokens=...)`` bans them.
+    Copies: none of the logits at temperature 1 (fp32 logits), one for the ban; the chunks come from one
+    ``split``, whose backward is a single concatenation (slicing would build a full-size zero gradient per chunk).
     """
     out = []
-    for i in range(0, logits.shape[0], chunk_size):
-        args = (logits[i:i + chunk_size], labels[i:i + chunk_size], temperature, tuple(suppress_ids), suppress_until)
+    for chunk, chunk_labels in zip(logits.split(chunk_size), labels.split(chunk_size)):
+        args = (chunk, chunk_labels, temperature, tuple(suppress_ids), suppress_until)
         if torch.is_grad_enabled() and logits.requires_grad:
             out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:

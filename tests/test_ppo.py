@@ -149,6 +149,26 @@ def test_chunked_logprobs_equal_full_log_softmax(dtype):
     torch.testing.assert_close(got[ok], expected[ok], atol=1e-6, rtol=0)
 
 
+def test_logprobs_at_temperature_one_with_ban_leave_the_logits_alone_and_match_the_full_gradient():
+    """T = 1 takes the logits as they are (no copy) and the ban is out of place: the caller's logits stay intact."""
+    torch.manual_seed(1)
+    logits = (torch.randn(5, 6, 40) * 3).requires_grad_(True)
+    before = logits.detach().clone()
+    labels = torch.randint(0, 40, (5, 6))
+    labels[:, :2] = labels[:, :2].where(~torch.isin(labels[:, :2], torch.tensor([3, 7])), torch.tensor(0))
+    ban = torch.zeros(6, 40, dtype=torch.bool)
+    ban[:2, [3, 7]] = True
+    full = torch.log_softmax(logits.masked_fill(ban, torch.finfo(torch.float32).min), -1)
+    full = full.gather(-1, labels[..., None]).squeeze(-1)
+    got = ppo.gather_logprobs(logits, labels, chunk_size=2, suppress_ids=(3, 7), suppress_until=2)
+    torch.testing.assert_close(got, full, atol=1e-6, rtol=0)
+    assert torch.equal(logits.detach(), before)
+    grad_full, = torch.autograd.grad(full.sum(), logits)
+    grad_got, = torch.autograd.grad(got.sum(), logits)  # split chunks, checkpointed: one gradient, same values
+    torch.testing.assert_close(grad_got, grad_full)
+    assert grad_got[:, :2, [3, 7]].abs().max() == 0  # a banned token gets no gradient
+
+
 # ----------------------------------------------------------------------------- fixtures and model helpers
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -620,3 +640,4 @@ def test_a_model_that_ignores_logits_to_keep_is_an_error_not_a_silent_misread():
         "tiny:llama")))
     with pytest.raises(RuntimeError, match=r"AllPositions returned logits of shape \(8, \d+, \d+\); expected"):
         ppo.rollout(state, prompts_for("llama", 8))
+
