@@ -135,3 +135,64 @@ def test_ppo_reward_curves_reproduce_from_the_seed(course_run, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_a_killed_rerun_of_02_is_not_done_resumes_and_04_does_not_resume_across_it(course_run, tmp_path):
+    """issue 17: SIGKILL a re-run of 02 after its first checkpoint -> no DONE, report says incomplete;
+    ``--resume`` re-runs 02 from that checkpoint to the same adapter; then 04 (resume=True, with a finished
+    checkpoint of the old 02 in its folder) must start fresh and say that 02 changed."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    run_dir, _ = course_run
+    copy = tmp_path / "rerun"
+    # the old 02's Trainer checkpoints stay behind, so the checkpoint awaited below is the re-run's
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("01_summaries", "05_evaluation", "trainer"))
+    runner = subprocess.Popen([sys.executable, "-m", "sawyer.workshop", "--preset", "tiny", "--only", "02",
+                               "--run-dir", str(copy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not list((copy / "02_sft" / "trainer").glob("checkpoint-*/trainer_state.json")):
+            assert runner.poll() is None and time.time() < deadline, "02 ended before its first checkpoint"
+            time.sleep(0.5)
+        kernel = int(re.match(r"pid (\d+)", (copy / "02_sft" / ".lock").read_text()).group(1))
+        os.kill(kernel, signal.SIGKILL)  # the notebook's kernel dies mid-training, as on a Colab disconnect
+        assert runner.wait(timeout=120) != 0
+    finally:
+        runner.kill()
+    assert not (copy / "02_sft" / "DONE").exists()
+    assert "| 02_sawyer_sft | incomplete |" in (copy / "report.md").read_text()
+
+    lines = []
+    workshop.run("tiny", run_dir=str(copy), only=["02", "04"], resume=True, echo=lines.append)
+    assert not any("skipped" in line for line in lines), lines  # 02 is not DONE, so --resume re-runs it
+    assert any("04_sawyer_ppo: finished, but built from an older 02_sft: running it again" in line for line in lines)
+    nb02 = printed(copy / "notebooks" / "02_sawyer_sft.ipynb")
+    assert "its checkpoint, if any, is resumed" in nb02
+    for name, tensor in load_file(run_dir / "02_sft" / "adapter" / "adapter_model.safetensors").items():
+        again = load_file(copy / "02_sft" / "adapter" / "adapter_model.safetensors")[name]
+        assert torch_close(again, tensor), name
+    nb04 = printed(copy / "notebooks" / "04_sawyer_ppo.ipynb")
+    assert "04_ppo: starting fresh" in nb04 and "upstream stage 02_sft was re-run" in nb04
+    assert "starting from step 0" in nb04 and "resumed at step" not in nb04
+    steps = [row["step"] for row in plots.read_jsonl(copy / "04_ppo" / "ppo_log.jsonl")]
+    assert steps == list(range(1, metrics(copy, "04_ppo")["steps"] + 1))
+    assert metrics(copy, "02_sft")["wall_seconds"] > 0 and "peak_cpu_rss_gib" in metrics(copy, "04_ppo")
+
+
+def printed(notebook) -> str:
+    """Everything an executed notebook's cells printed (outputs only, not the source)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
