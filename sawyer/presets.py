@@ -398,9 +398,12 @@ def _cpu() -> Preset:
 
 
 def _a100() -> Preset:
+    no_recompute = {"gradient_checkpointing": False}  # 80 GB hold the activations: PPOConfig.gradient_checkpointing
+    summary, ppo = SummaryConfig(), SawyerPPOConfig()
     return Preset(name="a100", description="the book-scale reproduction: Meta-Llama-3-8B, full data, original settings",
-                  summary=SummaryConfig(), sft=SFTConfig(), reward=RewardConfig(), ppo=SawyerPPOConfig(),
-                  eval=EvalConfig())
+                  summary=dataclasses.replace(summary, ppo=dataclasses.replace(summary.ppo, **no_recompute)),
+                  sft=SFTConfig(), reward=RewardConfig(),
+                  ppo=dataclasses.replace(ppo, ppo=dataclasses.replace(ppo.ppo, **no_recompute)), eval=EvalConfig())
 
 
 PRESETS = {"tiny": _tiny, "t4": _t4, "a100": _a100, "cpu": _cpu}
