@@ -112,6 +112,39 @@ def test_05_evaluation_numbers_come_from_the_run(course_run):
     assert (run_dir / "figures").is_dir() and any((run_dir / "figures").glob("*.png"))
 
 
+def test_06_compares_ppo_dpo_grpo_on_05s_prompts_with_costs_and_round_trips(course_run):
+    from safetensors import safe_open
+
+    from sawyer.presets import get_preset
+
+    run_dir, _ = course_run
+    m, m05, tiny = metrics(run_dir, "06_preference"), metrics(run_dir, "05_evaluation"), get_preset("tiny")
+    rows = plots.read_jsonl(run_dir / "06_preference" / "eval_rewards.jsonl")
+    assert len(rows) == 4 * m["n_prompts"] and m["n_prompts"] == m05["n_prompts"]
+    for name in ("sft", "ppo", "dpo", "grpo"):
+        values = [r["reward"] for r in rows if r["model"] == name]
+        assert abs(sum(values) / len(values) - m[f"reward_mean_{name}"]) < 1e-6
+    for name in ("sft", "ppo"):  # evaluated exactly as notebook 05 evaluates them
+        assert m[f"reward_mean_{name}"] == pytest.approx(m05[f"reward_mean_{name}"], abs=1e-5)
+    for label in ("ppo_vs_sft", "dpo_vs_sft", "grpo_vs_sft", "dpo_vs_ppo", "grpo_vs_ppo"):
+        t = m["tests"][label]
+        assert t["ci"][0] <= t["mean_diff"] <= t["ci"][1] and 0 <= t["wilcoxon_p"] <= 1, (label, t)
+    cost = m["cost"]
+    assert cost["dpo"]["samples_generated"] == 0 and cost["dpo"]["pairs_trained"] == tiny.dpo.steps * tiny.dpo.batch_size
+    assert cost["grpo"]["samples_generated"] == tiny.grpo.steps * tiny.grpo.group_size * tiny.grpo.prompts_per_step
+    assert cost["ppo"]["samples_generated"] == tiny.ppo.steps * tiny.ppo.ppo.batch_size
+    assert all(cost[k]["wall_s"] > 0 for k in ("ppo", "dpo", "grpo"))
+    assert cost["dpo"]["peak_memory_gib"] > 0 and cost["grpo"]["peak_memory_gib"] > 0
+    assert m["dpo"]["first_loss"] == pytest.approx(0.6931, abs=1e-3), "DPO starts at its reference, the SFT model"
+    for method in ("dpo", "grpo"):
+        assert m[method]["marker_rows_intact"] and m[method]["round_trip_max_abs_logit_diff"] < 1e-4, m[method]
+        with safe_open(str(run_dir / "06_preference" / f"{method}_adapter" / "adapter_model.safetensors"), "pt") as f:
+            rows = {k: f.get_slice(k).get_shape() for k in f.keys() if "lora_" not in k}
+        assert len(rows) == 2 and all(shape[0] == 3 for shape in rows.values()), rows
+    report = (run_dir / "report.md").read_text()
+    assert "## 06_ppo_vs_dpo_vs_grpo" in report and "**three way**" in report and "| GRPO |" in report
+
+
 def test_resume_skips_finished_notebooks(course_run):
     run_dir, _ = course_run
     lines = []
