@@ -28,6 +28,7 @@ run_dir = "workshop"  # the run folder of notebooks 02-04 (runs/<run_dir>, or on
 use_drive = "auto"    # "auto": on Colab the run folder lives on Google Drive (as in 01-04); False: local
 max_questions = None  # per benchmark (None: the preset's); the knob that decides the time on a T4
 seed = 0
+resume = True         # accepted like 01-04's (05 trains nothing: it always evaluates afresh)
 sft_from_hub = None   # hub repo ids of finished stages 02 / 03 / 04, for a run folder that lacks them
 reward_model_from_hub = None
 ppo_from_hub = None
@@ -60,11 +61,11 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from sawyer import chat, data, evaluation, plots, tokens
+from sawyer import chat, data, evaluation, plots, runs, tokens
 from sawyer.check import hub_login, preflight
 from sawyer.presets import get_preset
 from sawyer.reward import CrossEncoderReward
-from sawyer.workshop import finish_stage, require_stages, resolve_run_dir, stage_dir
+from sawyer.workshop import finish_stage, resolve_run_dir
 
 course = get_preset(preset)
 preflight(course)
@@ -76,8 +77,10 @@ run = resolve_run_dir(run_dir, course.name, use_drive=use_drive)
 from sawyer import hub  # noqa: E402
 hub.pull_stages(run, {"02_sft": sft_from_hub, "03_reward_model": reward_model_from_hub,
                       "04_ppo": ppo_from_hub})
-require_stages(run, "02_sft", "03_reward_model", "04_ppo")
-out = stage_dir(run, "05_evaluation")
+# the stage: locked, DONE removed until it finishes, built from the 02/03/04 outputs it records (sawyer.runs)
+stage = runs.start_stage(run, "05_evaluation", settings={**dataclasses.asdict(cfg), "seed": seed}, resume=False,
+                         needs=("02_sft", "03_reward_model", "04_ppo"))
+out = stage.folder
 torch.manual_seed(seed)
 print(f"run folder: {out}")
 
