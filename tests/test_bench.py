@@ -137,6 +137,9 @@ def test_floors_arithmetic():
 
 def test_compare_without_the_trl_venv_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"classic-TRL python not found: .*nope.*\.venv-trl011"):
-        bench.main(["compare", *TINY, "--peer-python", str(tmp_path / "nope"), "--models", str(tmp_path)])
+        script = tmp_path / "peer.py"  # a harness that exists, so the missing venv is what gets reported
+        script.write_text("")
+        bench.main(["compare", *TINY, "--peer-python", str(tmp_path / "nope"), "--peer-script", str(script),
+                    "--models", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="peer harness not found"):
         bench.main(["compare", *TINY, "--peer-script", str(tmp_path / "none.py"), "--models", str(tmp_path)])
