@@ -1,7 +1,6 @@
 """PPO checkpoints and the training loop: save, load (resume), the prompts of each step, ``train``.
 
-Moved out of ``sawyer.ppo`` so ``ppo.py`` holds only the algorithm; ``ppo.save_checkpoint`` and friends still
-work (they forward here). The rules of the run folder (atomic swap, crash recovery, named errors for damaged
+Kept out of ``sawyer.ppo`` so ``ppo.py`` holds only the algorithm. The rules of the run folder (atomic swap, crash recovery, named errors for damaged
 files, a full disk, torn log lines) come from ``sawyer.runs``.
 
 What a checkpoint folder holds, and why each piece is needed for a resume that matches an uninterrupted run

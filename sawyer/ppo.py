@@ -52,7 +52,8 @@ from torch import nn
 
 from sawyer import validate
 from sawyer.ppo_models import (NEUTRAL_SAMPLING, add_frozen_reference_adapter, check_generation_kwargs,  # noqa: F401
-                               computes_in_fp16, freeze_outside_optimizer, one_code_path, sft_start_reason)
+                               computes_in_fp16, contiguous_lm_head_input, freeze_outside_optimizer,
+                               one_code_path, sft_start_reason)
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
                              policy_loss, shape_scores, value_loss)
@@ -362,24 +363,6 @@ def _reference(state: PPOState):
         freeze_outside_optimizer(state.policy, state.optimizer)
 
 
-def _contiguous_input(module, args):
-    return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else args
-
-
-def contiguous_lm_head_input(model) -> None:
-    """Make the output embeddings (lm_head) take a contiguous input; installed once per model (idempotent).
-
-    ``logits_to_keep`` gives lm_head a strided view of the last hidden states; a (B, T, H) view times the
-    (H, V) weight runs as a batched matmul, and its backward too. One copy of the kept states (B x T x H, small
-    next to the B x T x V logits) makes it a single matmul: ~20% faster on the anchor shape's projection.
-    """
-    get_head = getattr(model, "get_output_embeddings", None)  # a plain nn.Module reference has none: left as is
-    head = get_head() if get_head is not None else None
-    if head is not None and not getattr(head, "_sawyer_contiguous", False):
-        head.register_forward_pre_hook(_contiguous_input)
-        head._sawyer_contiguous = True
-
-
 def _excerpt(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
@@ -572,17 +555,3 @@ def log_stats(state: PPOState, stats: dict) -> None:
     if state.run_dir is not None:
         with open(state.run_dir / "ppo_log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(stats) + "\n")
-
-
-# ============================================================================ checkpoints and the loop
-# They live in sawyer/checkpoints.py (with the run-folder rules of sawyer/runs.py); the old names forward there.
-_MOVED_TO_CHECKPOINTS = ("save_checkpoint", "load_checkpoint", "prompt_batch", "train")
-
-
-def __getattr__(name: str):
-    """``ppo.train``, ``ppo.save_checkpoint``, ... -> ``sawyer.checkpoints`` (imported lazily: it imports us)."""
-    if name in _MOVED_TO_CHECKPOINTS:
-        from sawyer import checkpoints
-
-        return getattr(checkpoints, name)
-    raise AttributeError(f"module 'sawyer.ppo' has no attribute {name!r}")
