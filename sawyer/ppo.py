@@ -303,6 +303,9 @@ class Rollout:
     values: torch.Tensor              # (B, T) fp32, value head
     truncated: torch.Tensor           # (B,) bool: reached max_new_tokens without a stop token
     timings: dict[str, float] = field(default_factory=dict)
+    # the policy pass with its autograd graph, (log-probs, values) each (B, T), when update() can start from it
+    # (see rollout); update() consumes it in its first minibatch and sets it back to None
+    graph: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -399,18 +402,25 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
     mask = ((is_stop.cumsum(1) - is_stop.long()) == 0).float()  # keep tokens up to and including the first stop
     t1 = time.perf_counter()
 
-    # 3. log-probs (policy, reference) and values, batched, no grad
+    # 3. log-probs (policy, reference) and values, batched. When one minibatch is the whole batch and the
+    # training pass keeps its activations (no gradient checkpointing), update()'s first forward would recompute
+    # exactly this policy pass: it runs with gradients here instead, and update() starts from its graph.
+    keep_graph = (torch.is_grad_enabled() and cfg.mini_batch_size >= len(prompts)
+                  and not getattr(policy.get_base_model(), "is_activation_checkpointing", False))
+    graph = None
     logprobs, ref_logprobs, values = [], [], []
-    with torch.no_grad():
-        for i in range(0, len(prompts), cfg.mini_batch_size):
-            part = (enc["input_ids"][i:i + cfg.mini_batch_size], enc["attention_mask"][i:i + cfg.mini_batch_size],
-                    response_ids[i:i + cfg.mini_batch_size])
+    for i in range(0, len(prompts), cfg.mini_batch_size):
+        part = (enc["input_ids"][i:i + cfg.mini_batch_size], enc["attention_mask"][i:i + cfg.mini_batch_size],
+                response_ids[i:i + cfg.mini_batch_size])
+        with torch.set_grad_enabled(keep_graph):
             lp, v = _forward(state, policy, *part, with_values=True)
-            with _reference(state) as ref:
-                ref_lp, _ = _forward(state, ref, *part, with_values=False)
-            logprobs.append(lp)
-            ref_logprobs.append(ref_lp)
-            values.append(v)
+        if keep_graph:
+            graph, lp, v = (lp, v), lp.detach(), v.detach()
+        with torch.no_grad(), _reference(state) as ref:
+            ref_lp, _ = _forward(state, ref, *part, with_values=False)
+        logprobs.append(lp)
+        ref_logprobs.append(ref_lp)
+        values.append(v)
     lengths = mask.sum(1).long()
     responses = [tok.decode(r[:n - int(is_stop[b, n - 1])], skip_special_tokens=True).strip()
                  for b, (r, n) in enumerate(zip(response_ids.tolist(), lengths.tolist()))]
@@ -418,7 +428,7 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
                    prompt_mask=enc["attention_mask"], response_ids=response_ids, mask=mask,
                    logprobs=torch.cat(logprobs) * mask, ref_logprobs=torch.cat(ref_logprobs) * mask,
                    values=torch.cat(values) * mask, truncated=~is_stop.any(1),
-                   timings={"generate": t1 - t0, "logprobs": time.perf_counter() - t1})
+                   timings={"generate": t1 - t0, "logprobs": time.perf_counter() - t1}, graph=graph)
 
 
 # ============================================================================ 2. score
@@ -497,8 +507,12 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
         for k, start in enumerate(range(0, n, cfg.mini_batch_size)):
             idx = order[start:start + cfg.mini_batch_size]
             m = mask[idx]                                                        # (b, T)
-            logprobs, values = _forward(state, state.policy, batch.prompt_ids[idx], batch.prompt_mask[idx],
-                                        batch.response_ids[idx], with_values=True)
+            if batch.graph is not None and len(idx) == n:  # the rollout's policy pass is this forward, done
+                logprobs, values = (t[idx] for t in batch.graph)
+            else:
+                logprobs, values = _forward(state, state.policy, batch.prompt_ids[idx], batch.prompt_mask[idx],
+                                            batch.response_ids[idx], with_values=True)
+            batch.graph = None  # used at most once (its backward frees it)
             if first_logratio is None:
                 first_logratio = ((logprobs - old_logprobs[idx]).abs() * m).max().item()
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
