@@ -52,8 +52,8 @@ from torch import nn
 
 from sawyer import validate
 from sawyer.ppo_models import (NEUTRAL_SAMPLING, add_frozen_reference_adapter, check_generation_kwargs,  # noqa: F401
-                               computes_in_fp16, contiguous_lm_head_input, freeze_outside_optimizer,
-                               one_code_path, sft_start_reason)
+                               computes_in_fp16, fast_lm_head, freeze_outside_optimizer,
+                               one_code_path, sample_causal, sft_start_reason)
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
                              policy_loss, shape_scores, value_loss)
@@ -256,9 +256,9 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if ref_model is not None:
         one_code_path(ref_model.eval())
-    for model in (policy, ref_model):  # logits_to_keep slices the hidden states: copy them once, so the
-        if model is not None:          # vocabulary projection is one plain matmul, not a batched one with grads
-            contiguous_lm_head_input(model)
+    for model in (policy, ref_model):  # the vocabulary projection, faster for the training pass's strided
+        if model is not None:          # input and for the decode steps' few rows (see fast_lm_head)
+            fast_lm_head(model)
 
     # value head on the last hidden state (the decoder's for seq2seq), fp32. A seeded, small normal init
     # (std 0.01 / sqrt(d)) and a zero bias start the values near 0: the mean of normalised scores (score_norm).
@@ -395,9 +395,14 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
     sampling = dict(NEUTRAL_SAMPLING, temperature=cfg.temperature, min_new_tokens=cfg.min_new_tokens,
                     max_new_tokens=cfg.max_new_tokens, eos_token_id=list(state.stop_token_ids),
                     pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        sequences = policy.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **sampling)
-    response_ids = sequences[:, 1:] if state.is_seq2seq else sequences[:, enc["input_ids"].shape[1]:]  # (B, T)
+    if state.is_seq2seq:
+        with torch.no_grad():
+            sequences = policy.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **sampling)
+        response_ids = sequences[:, 1:]                                          # (B, T) after the start token
+    else:  # the same distribution, sampled by our own short loop (see ppo_models.sample_causal: faster)
+        response_ids = sample_causal(policy, enc["input_ids"], enc["attention_mask"], temperature=cfg.temperature,
+                                     min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
+                                     stop_token_ids=state.stop_token_ids, pad_token_id=tok.pad_token_id)
     is_stop = torch.isin(response_ids, torch.tensor(state.stop_token_ids, device=response_ids.device))
     mask = ((is_stop.cumsum(1) - is_stop.long()) == 0).float()  # keep tokens up to and including the first stop
     t1 = time.perf_counter()

@@ -105,15 +105,93 @@ def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else args
 
 
-def contiguous_lm_head_input(model) -> None:
-    """Make the output embeddings (lm_head) take a contiguous input; installed once per model (idempotent).
+#: rows up to which a CPU vocabulary projection runs as ``(W @ x.T).T`` (the decode steps of a rollout)
+FEW_ROWS = 32
 
-    ``logits_to_keep`` gives lm_head a strided view of the last hidden states; a (B, T, H) view times the
-    (H, V) weight runs as a batched matmul, and its backward too. One copy of the kept states (B x T x H, small
-    next to the B x T x V logits) makes it a single matmul: ~20% faster on the anchor shape's projection.
+
+def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[:-1].numel()
+    if x.device.type == "cpu" and rows <= FEW_ROWS and not torch.is_grad_enabled():
+        out = (self.weight @ x.reshape(rows, -1).T).T                            # (rows, V)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.contiguous().view(*x.shape[:-1], -1)
+    return nn.Linear.forward(self, x.contiguous())
+
+
+def fast_lm_head(model) -> None:
+    """Speed up the vocabulary projection (lm_head) in the two shapes PPO gives it; once per model (idempotent).
+
+    1. ``logits_to_keep`` gives lm_head a strided view of the last hidden states; a (B, T, H) view times the
+       (H, V) weight runs as a batched matmul, and its backward too. One copy of the kept states (B x T x H,
+       small next to the B x T x V logits) makes it a single matmul: ~20% faster on the anchor shape.
+    2. A decode step projects only B rows. On the CPU, MKL computes ``x @ W.T`` for 8 rows x 512 x 32k at ~25
+       GFLOP/s but the same product as ``(W @ x.T).T`` 1.4-2.3x faster (measured on 2 cores: 11.7 -> 7.9 ms at
+       hidden 512 / vocab 32k; 19.3 -> 8.5 ms at SmolLM2's 576 / 49k); from ~64 rows on it is slower, so only
+       no-grad CPU calls of at most ``FEW_ROWS`` rows take that form. Same numbers up to float rounding.
+    A head that is not a plain ``nn.Linear`` (a wrapped or quantised one) only gets the contiguous input.
     """
     get_head = getattr(model, "get_output_embeddings", None)  # a plain nn.Module reference has none: left as is
     head = get_head() if get_head is not None else None
-    if head is not None and not getattr(head, "_sawyer_contiguous", False):
+    if head is None or getattr(head, "_sawyer_fast", False):
+        return
+    if type(head) is nn.Linear:
+        head.forward = _head_forward.__get__(head)
+    else:
         head.register_forward_pre_hook(_contiguous_input)
-        head._sawyer_contiguous = True
+    head._sawyer_fast = True
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (B, V), drawn by inverting the cumulative distribution: (B,) long.
+
+    The same distribution as ``torch.multinomial(probs, 1)``, with one uniform number per row instead of one
+    exponential per vocabulary entry (``multinomial`` spent ~5 ms per draw of 8 x 32k on 2 CPU cores, 16% of a
+    decode step; this takes ~0.1 ms). A token of probability 0 is never drawn: its cumulative sum equals its
+    predecessor's, and ``searchsorted(right=True)`` returns the first entry strictly above the uniform draw.
+    """
+    cdf = probs.float().cumsum(-1)                                                # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]            # in [0, total)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+
+
+@torch.no_grad()
+def sample_causal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
+                  min_new_tokens: int, max_new_tokens: int, stop_token_ids: tuple[int, ...], pad_token_id: int,
+                  scores: list | None = None) -> torch.Tensor:
+    """Sample up to ``max_new_tokens`` per left-padded prompt from a causal LM: (B, T) token ids.
+
+    What ``generate(do_sample=True, top_k=0, top_p=1.0, temperature=..., min_new_tokens=..., eos_token_id=stops)``
+    samples, written out: a prefill, then one token at a time with the KV cache; the next token is drawn from
+    ``softmax(logits / temperature)`` with the stop tokens banned for the first ``min_new_tokens`` positions; a
+    row that has sampled a stop token gets ``pad_token_id`` from then on, and the loop ends when every row has
+    stopped. Position ids count real tokens only (left padding), as in PPO's training pass. Owning these few
+    lines is what makes the rollout fast on a CPU: one draw per row (``draw``), no per-step processor objects.
+    ``scores``: a list that receives each step's processed logits (B, V), like generate's ``output_scores``.
+    """
+    batch, device = input_ids.shape[0], input_ids.device
+    stops = torch.tensor(stop_token_ids, device=device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                      # (B, P)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache, position = out.past_key_values, positions[:, -1:]                      # (B, 1)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()                                       # (B, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        if t < min_new_tokens:
+            logits[:, stops] = float("-inf")
+        if scores is not None:
+            scores.append(logits)
+        token = draw(torch.softmax(logits, -1)).masked_fill_(done, pad_token_id)  # (B,)
+        tokens.append(token)
+        done |= torch.isin(token, stops)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+    return torch.stack(tokens, 1)                                                 # (B, T)

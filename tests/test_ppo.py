@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from sawyer import checkpoints, loading, ppo
+from sawyer import checkpoints, loading, ppo, ppo_models
 from sawyer.ppo import PPOConfig
 
 DESIGN_STATS = ["objective/score", "objective/kl", "objective/entropy", "policy/approx_kl", "policy/clipfrac",
@@ -487,7 +487,7 @@ def test_sft_start_needs_an_explicit_reference_and_leaves_no_stray_gradients(sft
 def test_a_response_stops_at_an_invented_human_turn(sft_folder):
     from sawyer import chat
 
-    policy, tok = sft_policy(sft_folder, human_bias=4.0)
+    policy, tok = sft_policy(sft_folder, human_bias=6.0)
     human = tok.convert_tokens_to_ids(chat.HUMAN)
     stops = chat.stop_token_ids(tok)
     assert {tok.convert_tokens_to_ids(m) for m in chat.MARKERS} <= set(stops)
@@ -533,19 +533,90 @@ def test_rollout_logprobs_are_the_distribution_generate_sampled_from(kind):
     probe = ppo.rollout(ppo.setup(policy, tok, cfg, base_reference=True), prompts)
     frequent = [t for t, _ in Counter(probe.response_ids[:, :3].flatten().tolist()).most_common(2)]
     state = ppo.setup(policy, tok, cfg, base_reference=True, stop_token_ids=frequent)  # stops worth banning
-    captured = {}
-    generate = policy.generate
+    captured = {"scores": []}
+    generate, sample = policy.generate, ppo.sample_causal
 
-    def generate_with_scores(**kwargs):
+    def generate_with_scores(**kwargs):  # seq2seq rollouts sample with generate()
         out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
         captured["scores"] = out.scores
         return out.sequences
     policy.generate = generate_with_scores
-    batch = ppo.rollout(state, prompts)
+    ppo.sample_causal = lambda *a, **k: sample(*a, **k, scores=captured["scores"])  # causal ones with our loop
+    try:
+        batch = ppo.rollout(state, prompts)
+    finally:
+        ppo.sample_causal = sample
+    assert len(captured["scores"]) == batch.response_ids.shape[1]
     scores = torch.stack(captured["scores"], 1)                                 # (B, T, V), processed
     expected = torch.log_softmax(scores.float(), -1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
     assert (batch.prompt_mask == 0).any(), "the test needs left padding"
     torch.testing.assert_close(batch.logprobs, expected * batch.mask, atol=2e-5, rtol=0)
+
+
+def test_draw_inverts_the_cumulative_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 1.0, 0.0]])
+    torch.manual_seed(3)
+    u = torch.rand(2, 1)
+    torch.manual_seed(3)
+    got = ppo_models.draw(probs)
+    expected = [int((probs[b].cumsum(0) > u[b]).nonzero()[0]) for b in range(2)]  # first entry above the draw
+    assert got.tolist() == expected and got[1] == 2
+    draws = ppo_models.draw(probs[:1].expand(40000, 4))
+    freq = torch.bincount(draws, minlength=4) / 40000
+    assert freq[1] == 0, "a token of probability 0 was drawn"
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)  # 4+ standard errors at 40k draws
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_our_sampling_loop_samples_what_generate_would(kind):
+    """First step (same prompts, no draw yet): our processed logits equal generate()'s scores (temperature,
+    min_new_tokens' ban, left padding); then the loop's mechanics: stops end rows, pad follows, the KV-cached
+    steps see the tokens they drew (the training pass's log-probs agree with the loop's scores)."""
+    policy, tok = make_gpt2_policy() if kind == "gpt2" else make_policy(kind, lora_dropout=0.0)
+    perturb_lora(policy)
+    policy.eval()  # a freshly built GPT-2 is in train mode: its dropout would make the two passes differ
+    prompts = prompts_for("llama", 8)
+    prompts[1] = prompts[1] + " and then they all went home after a very long day"
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    stops = (tok.eos_token_id, 5, 9)
+    with torch.no_grad():
+        out = policy.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=0.7, min_new_tokens=2,
+                              max_new_tokens=3, eos_token_id=list(stops), pad_token_id=tok.pad_token_id,
+                              output_scores=True, return_dict_in_generate=True)
+    scores = []
+    ids = ppo_models.sample_causal(policy, enc["input_ids"], enc["attention_mask"], temperature=0.7, min_new_tokens=2,
+                                   max_new_tokens=12, stop_token_ids=stops, pad_token_id=tok.pad_token_id,
+                                   scores=scores)
+    torch.testing.assert_close(scores[0], out.scores[0].float(), atol=1e-5, rtol=1e-5)
+    assert torch.isinf(scores[1][:, list(stops)]).all() and not torch.isinf(scores[2]).any()
+    assert not torch.isin(ids[:, :2], torch.tensor(stops)).any()
+    is_stop = torch.isin(ids, torch.tensor(stops))
+    for b in range(len(prompts)):
+        if is_stop[b].any():
+            first = int(is_stop[b].float().argmax())
+            assert (ids[b, first + 1:] == tok.pad_token_id).all(), "after a stop token, padding"
+
+
+def test_fast_lm_head_gives_the_same_logits_and_gradients():
+    """The decode-step form (W @ x.T).T and the contiguous input change speed only: logits within float rounding,
+    the training pass's gradient flows as before, and a second call installs nothing twice."""
+    policy, tok = make_policy("llama", lora_dropout=0.0)
+    head = policy.get_output_embeddings()
+    x = torch.randn(2, 9, head.in_features)
+    few, many = x[:, -1:], x[:, 1:]                                              # 2 rows; a strided (2, 8, H) view
+    with torch.no_grad():
+        expected = [torch.nn.functional.linear(v, head.weight, head.bias) for v in (few, many)]
+    ppo_models.fast_lm_head(policy)
+    ppo_models.fast_lm_head(policy)
+    assert head.forward.__func__ is ppo_models._head_forward
+    with torch.no_grad():
+        got = [head(v) for v in (few, many)]
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.is_contiguous()
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    leaf = many.clone().requires_grad_(True)
+    head(leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, head.weight.sum(0).expand_as(leaf), atol=1e-5, rtol=1e-5)
 
 
 def test_values_read_the_state_that_predicts_each_token():
