@@ -243,7 +243,8 @@ print(f"mean training score, first {k} step(s): {first:.3f}; last {k} step(s): {
 metrics = {"preset": course.name, "steps": state.step, "train_prompts": len(train_prompts),
            "test_prompts": len(test_prompts), "train_score_first": first, "train_score_last": last,
            "final_kl": history[-1]["objective/kl"], "final_kl_coef": history[-1]["objective/kl_coef"],
-           "seconds_per_step": sum(h["time/generate"] + h["time/score"] + h["time/train"] for h in history)
+           "seconds_per_step": sum(h["time/generate"] + h["time/logprobs"] + h["time/score"] + h["time/train"]
+                                   for h in history)
            / len(history), "adapter_bytes": adapter_bytes}
 finish_stage(run, "04_ppo", metrics)
 if push_to_hub:  # publish the finished stage (needs a write token: HF_TOKEN)

@@ -22,7 +22,8 @@ What one measurement is (the protocol of ``../shared/bench/README.md``, reproduc
    ``../shared/bench/peer_trl011.py`` run by the python of its own venv (``.venv-trl011``; see
    BENCHMARKS.md); it is run, never copied.
 
-Phases: ``generate`` (sampling), ``logprobs`` (the no-grad policy/reference/value passes), ``score``
+Phases: ``generate`` (sampling), ``logprobs`` (the policy/reference/value passes; without gradient
+checkpointing ours keeps the policy pass's graph, and its first training minibatch starts from it), ``score``
 (the reward function; negligible here by design), ``train`` (advantages + the clipped updates) and ``other``
 (the rest of the wall-clock step). Peak memory: RSS from ``resource.getrusage`` on CPU; on a GPU also the
 peak *reserved* CUDA memory (ours) or peak allocated (what the peer harness reports).
@@ -319,7 +320,9 @@ def floors(cfg: dict, a, matmul_gflops: float, bandwidth_gbs: float) -> dict:
       weight once (bytes / bandwidth) or by its FLOPs, whichever is slower.
     - log-probs: two forwards (policy, reference). train: ppo_epochs x (forward + backward); with frozen base
       weights the backward computes input gradients only (~1 forward; LoRA's own gradients are tiny),
-      plus one more block forward when gradient checkpointing recomputes activations.
+      plus one more block forward when gradient checkpointing recomputes activations. Without checkpointing
+      the first training forward is the rollout's policy pass (``sawyer.ppo`` keeps its graph), so train is
+      one forward less.
     """
     c = shape_counts(cfg)
     B, P, T, L, H = a.batch, a.prompt, a.new, cfg["num_hidden_layers"], cfg["hidden_size"]
@@ -332,7 +335,8 @@ def floors(cfg: dict, a, matmul_gflops: float, bandwidth_gbs: float) -> dict:
     decode_flops = 2 * (c["blocks"] + c["lm_head"]) * B
     decode = max(weight_bytes / bw, decode_flops / rate)
     prefill = (2 * c["blocks"] * B * P + 4 * L * H * B * P * P + 2 * c["lm_head"] * B) / rate
-    train = 2 * (2 * fwd + (blocks_fwd if a.checkpointing else 0)) / rate
+    epochs = 2  # the protocol's ppo_epochs
+    train = (epochs * (2 * fwd + blocks_fwd) if a.checkpointing else epochs * 2 * fwd - fwd) / rate
     return {"generate_s": prefill + T * decode, "decode_step_s": decode, "weight_bytes": weight_bytes,
             "logprobs_s": 2 * fwd / rate, "train_s": train, "forward_gflop": fwd / 1e9,
             "matmul_gflops": matmul_gflops, "bandwidth_gbs": bandwidth_gbs}
@@ -415,7 +419,7 @@ def parse(argv=None) -> argparse.Namespace:
         ap.add_argument(f"--{k}", type=int, default=v, help="model shape (kv 0: = heads)")
     ap.add_argument("--model", help="an existing Llama folder instead of building one from the shape")
     ap.add_argument("--models", default=str(ROOT / "runs" / "bench"), help="where built model folders are kept")
-    for k, v in dict(batch=8, prompt=64, new=64, steps=3, rounds=3, threads=2, checkpointing=1, fourbit=1,
+    for k, v in dict(batch=8, prompt=64, new=64, steps=3, rounds=3, threads=2, checkpointing=0, fourbit=1,
                      timeout=3600).items():
         ap.add_argument(f"--{k}", type=int, default=v)
     ap.add_argument("--peer-python", default=str(PEER_PYTHON), help="python of the classic-TRL venv")

@@ -92,8 +92,10 @@ class PPOConfig:
     gradient_checkpointing: recompute activations in the training pass (memory for compute). The profile of the
         bench's anchor shape (Llama hidden 512, 4 layers, batch 8, 64 + 64 tokens, CPU) puts the recomputation
         at ~29% of the training phase for ~114 MiB of activations saved, so the presets switch it off where
-        memory allows (tiny, cpu, a100) and keep it on for the T4's 16 GB (t4). Needs memory that grows with
-        batch x sequence x layers; turn it on when the training pass runs out of memory.
+        memory allows (tiny, cpu, a100) and keep it on for the T4's 16 GB (t4). Off, with
+        ``mini_batch_size == batch_size``, the rollout's policy pass also serves as the first training forward
+        (one forward fewer per step). Needs memory that grows with batch x sequence x layers; turn it on when
+        the training pass runs out of memory.
     whiten_rewards: whiten the per-token rewards before GAE (off in the classic recipe).
     score_norm: "norm" (default): ``(score - running mean) / running std`` over every score seen so far
         (TRL's ``use_score_norm``); "scale": divide by the running std only; "none": raw scores. Why on by default:
@@ -371,11 +373,14 @@ def _excerpt(text: str, n: int = 80) -> str:
 
 
 def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout:
-    """1. Sample one response per prompt (one batched ``generate``), then 3. score the tokens: log-probs under
-    the policy and the reference, and values, in no-grad passes of ``mini_batch_size`` samples.
+    """1. Sample one response per prompt (batched), then 3. score the tokens: log-probs under the policy and
+    the reference, and values, in passes of ``mini_batch_size`` samples.
 
-    Sampling is plain ``softmax(logits / temperature)`` with the KV cache; anything else (beam search, top-k,
-    top-p, repetition penalties) is refused, because the training pass could not reproduce it.
+    Sampling is plain ``softmax(logits / temperature)`` with the KV cache: ``ppo_models.sample_causal`` for a
+    causal policy (the distribution ``generate`` would sample, drawn faster), ``generate`` for seq2seq. Anything
+    else (beam search, top-k, top-p, repetition penalties) is refused: the training pass could not reproduce it.
+    The reference pass runs without gradients; the policy pass too, except when one minibatch is the whole batch
+    and activations are kept (no gradient checkpointing): then ``update`` starts from its graph (``graph``).
     """
     cfg, tok, policy = state.config, state.tokenizer, state.policy
     if not isinstance(prompts, (list, tuple)) or not prompts:
