@@ -1,4 +1,4 @@
-"""Presets: one code path, three sizes (``tiny`` on a CPU, ``t4`` on a free Colab T4, ``a100`` book scale).
+"""Presets: one code path, four sizes (``tiny``, ``cpu``: offline on a CPU; ``t4``: free Colab T4; ``a100``).
 
 A preset is a dataclass composed of one config per stage. Only model ids, data sizes and budgets differ
 between presets; notebooks read their stage's config and may override a field or two::
