@@ -619,6 +619,27 @@ def test_fast_lm_head_gives_the_same_logits_and_gradients():
     torch.testing.assert_close(leaf.grad, head.weight.sum(0).expand_as(leaf), atol=1e-5, rtol=1e-5)
 
 
+def test_fast_cpu_linears_swap_in_onednn_for_sampling_and_put_everything_back(monkeypatch):
+    policy, tok = make_policy("llama", lora_dropout=0.0)
+    ppo_models.fast_lm_head(policy)
+    head = policy.get_output_embeddings()
+    linears = [m for m in policy.modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(3, 1, head.in_features)
+    with torch.no_grad():
+        before = [head(x), policy(**tok(["a cat sat"], return_tensors="pt")).logits]
+    assert ppo_models._onednn_works(), "this torch (2.13 CPU) has oneDNN's linear: the fast path must be taken"
+    with ppo_models.fast_cpu_linears(policy), torch.no_grad():
+        assert all(m.forward.__func__ is ppo_models._onednn_linear for m in linears)
+        during = [head(x), policy(**tok(["a cat sat"], return_tensors="pt")).logits]
+    for a, b in zip(before, during):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert head.forward.__func__ is ppo_models._head_forward, "the head's own fast forward is back"
+    assert all("forward" not in m.__dict__ for m in linears if m is not head), "the class forward is back"
+    monkeypatch.setattr(ppo_models, "_ONEDNN", False)  # a torch without the op: nothing is swapped
+    with ppo_models.fast_cpu_linears(policy):
+        assert all(m.forward.__func__ is not ppo_models._onednn_linear for m in linears)
+
+
 def test_values_read_the_state_that_predicts_each_token():
     policy, tok = make_policy("llama", lora_dropout=0.0)
     state = ppo.setup(policy, tok, PPOConfig(max_new_tokens=6, mini_batch_size=4))
