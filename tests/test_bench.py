@@ -79,6 +79,10 @@ def test_compare_ratios_and_markdown(report):
     assert md.count("\n| ours |") == 1 and "ours/peer-best" in md and "load average" in md
     for key in ("generate_s", "logprobs_s", "train_s", "matmul_gflops", "bandwidth_gbs"):
         assert rep["floors"][key] > 0, key
+    probes = rep["probes"]  # one before, one after the runs; the floors use the faster reading of each rate
+    assert len(probes) == 2 and rep["floors"]["matmul_gflops"] == max(p["matmul_gflops"] for p in probes)
+    assert rep["floors"]["bandwidth_gbs"] == max(p["bandwidth_gbs"] for p in probes)
+    assert "the faster of two probes" in md
     assert rep["versions"]["peer"]["torch"] == torch.__version__  # the stand-in ran in our python
 
 
