@@ -26,7 +26,28 @@ import numpy as np
 import torch
 
 from sawyer import runs
-from sawyer.ppo import PPOState, restore_training_state, rollout, score, training_state, update
+from sawyer.ppo import PPOState, rollout, score, update
+from sawyer.ppo_math import RunningMoments
+
+
+def training_state(state: PPOState) -> dict:
+    """Everything a bit-exact resume needs besides adapter weights, value head and optimiser (JSON-safe).
+
+    The step, the KL coefficient, the running score statistics and the fp16 loss scale. A checkpoint stores
+    this dict; ``restore_training_state`` puts it back.
+    """
+    return {"step": state.step, "kl_coef": state.kl_ctl.value, "score_stats": dataclasses.asdict(state.score_stats),
+            "grad_scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled()
+            else {}}
+
+
+def restore_training_state(state: PPOState, d: dict) -> PPOState:
+    """Put back what ``training_state`` returned (into a state built by ``setup`` with the same config)."""
+    state.step, state.kl_ctl.value = int(d["step"]), float(d["kl_coef"])
+    state.score_stats = RunningMoments(**d.get("score_stats", {}))
+    if d.get("grad_scaler") and state.scaler is not None and state.scaler.is_enabled():
+        state.scaler.load_state_dict(d["grad_scaler"])
+    return state
 
 
 def save_checkpoint(state: PPOState, path: str | Path | None = None) -> Path:

@@ -9,7 +9,7 @@ details of RLHF with PPO"; PPO itself: Schulman et al. 2017). Notebook 04 runs t
         scores = ppo.score(state, batch, reward_fn)  # 2. reward_fn(prompts, responses) -> Tensor[B]
         stats = ppo.update(state, batch, scores)     # 4. shaped score + KL penalty 5. GAE 6. clipped update 7. stats
 
-Checkpoints and the ``train`` loop live in ``sawyer.checkpoints`` (they use ``training_state`` from here); the
+Checkpoints (with the state a bit-exact resume needs) and the ``train`` loop live in ``sawyer.checkpoints``; the
 pure math in ``sawyer.ppo_math`` (GAE, the clipped losses, score shaping, ...: importable from here too), the
 PEFT/transformers plumbing in ``sawyer.ppo_models``.
 
@@ -52,7 +52,7 @@ from torch import nn
 
 from sawyer import validate
 from sawyer.ppo_models import (NEUTRAL_SAMPLING, add_frozen_reference_adapter, check_generation_kwargs,  # noqa: F401
-                               computes_in_fp16, fast_lm_head, freeze_outside_optimizer,
+                               computes_in_fp16, contiguous_lm_head_input, freeze_outside_optimizer,
                                one_code_path, sample_causal, sft_start_reason)
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
@@ -164,7 +164,7 @@ class PPOConfig:
 # ============================================================================ state and set-up
 @dataclass
 class PPOState:
-    """Everything a PPO run carries between steps: the models, the optimiser and ``training_state``."""
+    """Everything a PPO run carries between steps: the models, the optimiser, the step and its statistics."""
 
     policy: Any                       # a peft PeftModel; only its trainable LoRA adapter changes
     tokenizer: Any
@@ -185,26 +185,6 @@ class PPOState:
     @property
     def device(self) -> torch.device:
         return self.value_head.weight.device
-
-
-def training_state(state: PPOState) -> dict:
-    """Everything a bit-exact resume needs besides adapter weights, value head and optimiser (JSON-safe).
-
-    The step, the KL coefficient, the running score statistics and the fp16 loss scale. A checkpoint stores
-    this dict; ``restore_training_state`` puts it back.
-    """
-    return {"step": state.step, "kl_coef": state.kl_ctl.value, "score_stats": dataclasses.asdict(state.score_stats),
-            "grad_scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled()
-            else {}}
-
-
-def restore_training_state(state: PPOState, d: dict) -> PPOState:
-    """Put back what ``training_state`` returned (into a state built by ``setup`` with the same config)."""
-    state.step, state.kl_ctl.value = int(d["step"]), float(d["kl_coef"])
-    state.score_stats = RunningMoments(**d.get("score_stats", {}))
-    if d.get("grad_scaler") and state.scaler is not None and state.scaler.is_enabled():
-        state.scaler.load_state_dict(d["grad_scaler"])
-    return state
 
 
 def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None, ref_adapter: str | None = None,
@@ -258,9 +238,9 @@ def setup(policy, tokenizer, config: PPOConfig | None = None, *, ref_model=None,
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if ref_model is not None:
         one_code_path(ref_model.eval())
-    for model in (policy, ref_model):  # the vocabulary projection, faster for the training pass's strided
-        if model is not None:          # input and for the decode steps' few rows (see fast_lm_head)
-            fast_lm_head(model)
+    for model in (policy, ref_model):  # logits_to_keep slices the hidden states: copy them once, so the
+        if model is not None:          # vocabulary projection is one plain matmul, not a batched one with grads
+            contiguous_lm_head_input(model)
 
     # value head on the last hidden state (the decoder's for seq2seq), fp32. A seeded, small normal init
     # (std 0.01 / sqrt(d)) and a zero bias start the values near 0: the mean of normalised scores (score_norm).

@@ -106,41 +106,19 @@ def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else args
 
 
-#: rows up to which a CPU vocabulary projection runs as ``(W @ x.T).T`` (the decode steps of a rollout)
-FEW_ROWS = 32
+def contiguous_lm_head_input(model) -> None:
+    """Make the output embeddings (lm_head) take a contiguous input; installed once per model (idempotent).
 
-
-def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.shape[:-1].numel()
-    if x.device.type == "cpu" and rows <= FEW_ROWS and not torch.is_grad_enabled():
-        out = (self.weight @ x.reshape(rows, -1).T).T                            # (rows, V)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.contiguous().view(*x.shape[:-1], -1)
-    return nn.Linear.forward(self, x.contiguous())
-
-
-def fast_lm_head(model) -> None:
-    """Speed up the vocabulary projection (lm_head) in the two shapes PPO gives it; once per model (idempotent).
-
-    1. ``logits_to_keep`` gives lm_head a strided view of the last hidden states; a (B, T, H) view times the
-       (H, V) weight runs as a batched matmul, and its backward too. One copy of the kept states (B x T x H,
-       small next to the B x T x V logits) makes it a single matmul: ~20% faster on the anchor shape.
-    2. A decode step projects only B rows. On the CPU, MKL computes ``x @ W.T`` for 8 rows x 512 x 32k at ~25
-       GFLOP/s but the same product as ``(W @ x.T).T`` 1.4-2.3x faster (measured on 2 cores: 11.7 -> 7.9 ms at
-       hidden 512 / vocab 32k; 19.3 -> 8.5 ms at SmolLM2's 576 / 49k); from ~64 rows on it is slower, so only
-       no-grad CPU calls of at most ``FEW_ROWS`` rows take that form. Same numbers up to float rounding.
-    A head that is not a plain ``nn.Linear`` (a wrapped or quantised one) only gets the contiguous input.
+    ``logits_to_keep`` gives lm_head a strided view of the last hidden states; a (B, T, H) view times the
+    (H, V) weight runs as a batched matmul, and its backward too. One copy of the kept states (B x T x H, small
+    next to the B x T x V logits) makes it a single matmul: ~20% faster on the anchor shape's projection.
+    (The decode steps' few-row projections are the sampling loop's business: ``fast_cpu_linears``.)
     """
     get_head = getattr(model, "get_output_embeddings", None)  # a plain nn.Module reference has none: left as is
     head = get_head() if get_head is not None else None
-    if head is None or getattr(head, "_sawyer_fast", False):
-        return
-    if type(head) is nn.Linear:
-        head.forward = _head_forward.__get__(head)
-    else:
+    if head is not None and not getattr(head, "_sawyer_contiguous", False):
         head.register_forward_pre_hook(_contiguous_input)
-    head._sawyer_fast = True
+        head._sawyer_contiguous = True
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
@@ -193,17 +171,14 @@ def fast_cpu_linears(model):
     if _onednn_works():
         for m in model.modules():
             if (type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-                    and (m.bias is None or m.bias.dtype == torch.float32)):
-                swapped.append((m, m.__dict__.get("forward")))
-                m.forward = _onednn_linear.__get__(m)
+                    and (m.bias is None or m.bias.dtype == torch.float32) and "forward" not in m.__dict__):
+                swapped.append(m)
+                m.forward = _onednn_linear.__get__(m)  # an instance attribute: deleting it restores the class's
     try:
         yield
     finally:
-        for m, previous in swapped:
-            if previous is None:
-                del m.forward
-            else:
-                m.forward = previous
+        for m in swapped:
+            del m.forward
 
 
 @torch.no_grad()
