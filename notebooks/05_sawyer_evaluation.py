@@ -120,26 +120,23 @@ print(f"{len(test_prompts)} held-out prompts")
 
 # %% [markdown]
 # ## 2. Answers and rewards
-# Each model answers every held-out prompt (sampling at temperature 0.7 from a fixed seed, so the run
-# reproduces); the reward model scores every answer. Rows go to `05_evaluation/eval_rewards.jsonl`.
+# Each model answers every held-out prompt `cfg.samples_per_prompt` times (sampling at temperature 0.7 from a
+# fixed seed, so the run reproduces); the reward model scores every answer. One row per answer goes to
+# `05_evaluation/eval_rewards.jsonl`. The statistics below compare each prompt's **mean** reward over its
+# samples: with one answer per prompt, a confident reward model (scores piled at its two extremes) turns every
+# prompt into a coin flip, and that noise, not the models, would decide the test.
 
 # %%
 reward_fn = CrossEncoderReward.from_pretrained(run / "03_reward_model" / "model",
                                                max_length=course.reward.max_length,
                                                question_from_prompt=chat.question_from_prompt)
-answers, rewards = {}, {}
-for name in MODELS:
-    with use(name):
-        answers[name] = evaluation.generate(model, tokenizer, test_prompts, max_new_tokens=cfg.max_new_tokens,
-                                            batch_size=cfg.batch_size, do_sample=True, temperature=0.7,
-                                            stop_token_ids=chat.stop_token_ids(tokenizer), seed=cfg.seed)
-    answers[name] = [chat.extract_reply(a) for a in answers[name]]
-    rewards[name] = reward_fn(test_prompts, answers[name]).numpy()
-lengths = {name: [len(a.split()) for a in answers[name]] for name in MODELS}
-with open(out / "eval_rewards.jsonl", "w") as f:
-    for name in MODELS:
-        for i, (r, n) in enumerate(zip(rewards[name], lengths[name])):
-            f.write(json.dumps({"prompt_id": i, "model": name, "reward": float(r), "length": n}) + "\n")
+held_out = evaluation.answer_held_out(model, tokenizer, test_prompts, reward_fn, use, MODELS,
+                                      samples=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size, stop_token_ids=chat.stop_token_ids(tokenizer),
+                                      extract=chat.extract_reply, seed=cfg.seed)
+held_out.write_jsonl(out / "eval_rewards.jsonl")
+answers, rewards, lengths = held_out.answers, held_out.rewards, held_out.lengths  # per prompt
+print(f"{len(test_prompts)} prompts x {held_out.samples} answer(s) per model")
 display(pd.DataFrame({"prompt": [chat.question_from_prompt(p)[:60] for p in test_prompts],
                       **{name: [a[:80] for a in answers[name]] for name in MODELS}}).head(5))
 
@@ -229,7 +226,8 @@ display(plots.reward_histograms(rewards, path=out / "reward_histograms.png"))
 
 # %%
 questions_text = [chat.question_from_prompt(p) for p in test_prompts]
-secondary = textstats.metrics_table(answers, prompts=questions_text)
+every_question = [questions_text[i] for i in held_out.prompt_ids]  # one per answer, all samples
+secondary = textstats.metrics_table(held_out.all_answers, prompts=every_question)
 secondary.insert(0, "reward mean", [float(rewards[n].mean()) for n in secondary.index])
 display(secondary.round(3))
 
@@ -259,16 +257,18 @@ display(pd.DataFrame({label: {"mean diff": t["bootstrap"]["diff"], "CI low": t["
 # correlation is strong for the PPO model.
 
 # %%
-truncated = {name: evaluation.truncated_mask(reward_fn.tokenizer, questions_text, answers[name], reward_fn.max_length)
+truncated = {name: evaluation.truncated_mask(reward_fn.tokenizer, every_question, held_out.all_answers[name],
+                                             reward_fn.max_length)
              for name in MODELS}  # scored cut off by the reward model: left out of rho
-bias = {name: evaluation.length_bias_check(rewards[name], lengths[name], truncated[name]) for name in MODELS}
+bias = {name: evaluation.length_bias_check(held_out.all_rewards[name], held_out.all_lengths[name], truncated[name])
+        for name in MODELS}
 display(pd.DataFrame({name: {"mean length (words)": sum(lengths[name]) / len(lengths[name]),
                              "truncated": bias[name]["n_truncated"], "Spearman rho": bias[name]["spearman_rho"],
                              "95% CI low": bias[name]["ci_low"], "95% CI high": bias[name]["ci_high"],
                              "p": bias[name]["spearman_p"]} for name in MODELS}).T.round(3))
 print(f"SFT+PPO answers: {bias['ppo']['verdict']}.")
-display(plots.length_scatter(lengths["ppo"], rewards["ppo"], label="SFT+PPO answers", unit="words",
-                             truncated=truncated["ppo"], path=out / "length_ppo.png"))
+display(plots.length_scatter(held_out.all_lengths["ppo"], held_out.all_rewards["ppo"], label="SFT+PPO answers",
+                             unit="words", truncated=truncated["ppo"], path=out / "length_ppo.png"))
 
 # %% [markdown]
 # ## 6. What RL does not change: knowledge
@@ -338,7 +338,7 @@ display(Markdown("\n\n".join(lines)))
 
 # %%
 figures = plots.redraw_run(run)  # every figure again, from the run folder's logs alone
-metrics = {"preset": course.name, "n_prompts": len(test_prompts),
+metrics = {"preset": course.name, "n_prompts": len(test_prompts), "samples_per_prompt": held_out.samples,
            **{f"reward_mean_{n}": float(rewards[n].mean()) for n in MODELS},
            **{f"reward_median_{n}": float(pd.Series(rewards[n]).median()) for n in MODELS},
            **{f"reward_std_{n}": float(rewards[n].std(ddof=1)) for n in MODELS},
@@ -375,6 +375,9 @@ print(f"first {n} prompts: " + evaluation.describe_change("reward", small))
 # are they the best answers, or the longest?
 
 # %%
-top = sorted(range(len(test_prompts)), key=lambda i: -rewards["ppo"][i])[:5]
-display(pd.DataFrame({"question": [questions_text[i][:60] for i in top], "PPO answer": [answers["ppo"][i][:150] for i in top],
-                      "reward": [round(float(rewards["ppo"][i]), 2) for i in top], "words": [lengths["ppo"][i] for i in top]}))
+ppo_rewards, ppo_answers = held_out.all_rewards["ppo"], held_out.all_answers["ppo"]
+top = sorted(range(len(ppo_answers)), key=lambda j: -ppo_rewards[j])[:5]
+display(pd.DataFrame({"question": [every_question[j][:60] for j in top],
+                      "PPO answer": [ppo_answers[j][:150] for j in top],
+                      "reward": [round(float(ppo_rewards[j]), 2) for j in top],
+                      "words": [held_out.all_lengths["ppo"][j] for j in top]}))

@@ -233,7 +233,8 @@ torch.cuda.empty_cache() if torch.cuda.is_available() else None
 # %% [markdown]
 # ## 5. Evaluate the four models exactly as notebook 05 does
 # SFT, PPO, DPO and GRPO adapters side by side on one copy of the base weights; the same held-out prompts,
-# the same sampling (temperature 0.7 from the same seed), the same reward model, the same statistics.
+# the same sampling (temperature 0.7 from the same seed, `samples_per_prompt` answers each), the same reward model,
+# the same statistics on each prompt's mean reward.
 
 # %%
 cfg = course.eval
@@ -255,20 +256,12 @@ test_prompts = test_prompts[: cfg.n_test]
 eval_reward = CrossEncoderReward.from_pretrained(run / "03_reward_model" / "model",
                                                  max_length=course.reward.max_length,
                                                  question_from_prompt=chat.question_from_prompt)
-answers, rewards = {}, {}
-for name in MODELS:
-    with use(name):
-        answers[name] = evaluation.generate(model, tokenizer, test_prompts, max_new_tokens=cfg.max_new_tokens,
-                                            batch_size=cfg.batch_size, do_sample=True, temperature=0.7,
-                                            stop_token_ids=chat.stop_token_ids(tokenizer), seed=cfg.seed,
-                                            progress=False)
-    answers[name] = [chat.extract_reply(a) for a in answers[name]]
-    rewards[name] = eval_reward(test_prompts, answers[name]).numpy()
-lengths = {name: [len(a.split()) for a in answers[name]] for name in MODELS}
-with open(out / "eval_rewards.jsonl", "w") as f:
-    for name in MODELS:
-        for i, (r, n) in enumerate(zip(rewards[name], lengths[name])):
-            f.write(json.dumps({"prompt_id": i, "model": name, "reward": float(r), "length": n}) + "\n")
+held_out = evaluation.answer_held_out(model, tokenizer, test_prompts, eval_reward, use, MODELS,
+                                      samples=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size, stop_token_ids=chat.stop_token_ids(tokenizer),
+                                      extract=chat.extract_reply, seed=cfg.seed, progress=False)
+held_out.write_jsonl(out / "eval_rewards.jsonl")
+answers, rewards, lengths = held_out.answers, held_out.rewards, held_out.lengths  # per prompt (sample means)
 earlier = runs.read_metrics(run, "05_evaluation")
 if earlier.get("reward_mean_ppo") is not None:
     print("same numbers as notebook 05 for SFT and PPO:",
@@ -303,7 +296,7 @@ display(pd.DataFrame({label: {"mean diff": t["bootstrap"]["diff"], "CI low": t["
 # 95% Wilson intervals).
 
 # %%
-bias = {name: length_bias(rewards[name], lengths[name]) for name in MODELS}
+bias = {name: length_bias(held_out.all_rewards[name], held_out.all_lengths[name]) for name in MODELS}
 display(pd.DataFrame({name: {"mean length (words)": sum(lengths[name]) / len(lengths[name]),
                              "Spearman rho (reward, length)": bias[name]["spearman_rho"]}
                       for name in MODELS}).T.round(3))
@@ -407,7 +400,7 @@ def _test(t):
             "cohens_d": t["effect_size"]["cohens_d"]}
 
 
-metrics = {"preset": course.name, "n_prompts": len(test_prompts),
+metrics = {"preset": course.name, "n_prompts": len(test_prompts), "samples_per_prompt": held_out.samples,
            **{f"reward_mean_{n}": float(rewards[n].mean()) for n in MODELS},
            **{f"reward_std_{n}": float(rewards[n].std(ddof=1)) for n in MODELS},
            **{f"mean_length_{n}": sum(lengths[n]) / len(lengths[n]) for n in MODELS},

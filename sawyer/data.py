@@ -185,6 +185,25 @@ def source_name(source: str | os.PathLike, *, split: str = "train", config: str 
     return _display(path / (config or "") / f"{split}.jsonl" if path.is_dir() else path)
 
 
+def resolve_dataset_commit(repo: str) -> str | None:
+    """The commit of hub dataset ``repo``'s main branch, looked up once so an unpinned id is read at a known
+    commit; logged as a warning that says how to pin it. ``None`` offline or when the hub cannot be asked
+    (``datasets`` then reads its cache or fails with its own message)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(repo).sha
+    except Exception as e:  # noqa: BLE001 - any failure to ask the hub only loses the pin, not the data
+        log.warning("dataset %r is not pinned and its commit could not be looked up (%s: %s)",
+                    repo, type(e).__name__, e)
+        return None
+    log.warning("dataset %r is not pinned to a commit: reading its main branch at %s; for runs that repeat "
+                "exactly, pin it in sawyer/presets.py PINNED as %r", repo, sha, f"{repo}@{sha}")
+    return sha
+
+
 def read_records(source: str | os.PathLike, *, split: str = "train", config: str | None = None) -> Records:
     """Rows of a dataset as a ``Records`` list of dicts (with ``.source_name`` and row locations).
 
@@ -197,7 +216,9 @@ def read_records(source: str | os.PathLike, *, split: str = "train", config: str
 
         from sawyer.loading import split_revision
 
-        repo, revision = split_revision(source)  # "org/name@<commit>": the pinned revision (presets pin them all)
+        repo, revision = split_revision(source)  # "org/name@<commit>": the pinned revision (see presets.PINNED)
+        if revision is None:
+            revision = resolve_dataset_commit(repo)
         try:
             ds = datasets.load_dataset(repo, config, split=split, revision=revision)
         except OSError as e:

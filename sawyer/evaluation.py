@@ -9,7 +9,8 @@ Three parts, used by notebook 05:
    "statistically detectable but negligible"); ``length_bias_check`` asks whether the reward pays for length,
    leaving out answers the reward model only saw truncated.
 2. **Batched generation** (``generate``): left padding for causal models, the prompt into the encoder for
-   seq2seq models; returns only the new text, cut at the first stop token.
+   seq2seq models; returns only the new text, cut at the first stop token. ``answer_held_out`` samples each
+   model's answers to the held-out prompts (several per prompt if asked) and scores them (``HeldOut``).
 3. **Multiple-choice scoring** by log-likelihood, never by parsing free text, so no answer is ever
    "unparseable" (lm-evaluation-harness's protocol): ``score_choices_loglik`` scores each choice as a
    continuation of the question; ``score_letter_answer`` reproduces the original letter-answer prompt and
@@ -18,13 +19,17 @@ Three parts, used by notebook 05:
 """
 from __future__ import annotations
 
+import json
 import string
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
 from tqdm.auto import tqdm
+
+from sawyer.ppo_models import sample_causal
 
 # --------------------------------------------------------------------------- 1. statistics
 
@@ -327,7 +332,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     directly (right padding would put pad tokens between prompt and answer). Seq2seq models read the prompt
     in the encoder and write the answer from the decoder start token. Prompts are batched in length order
     to waste little compute on padding. ``do_sample=False`` is greedy; sampling is plain temperature
-    sampling (no top-k/top-p). Each text is cut at the first EOS or ``stop_token_ids`` token
+    sampling (no top-k/top-p), for causal models drawn by ``ppo_models.sample_causal`` (the distribution
+    ``generate`` samples, faster on a CPU). Each text is cut at the first EOS or ``stop_token_ids`` token
     (e.g. ``###STOP###``) and decoded without special tokens. Works for ``PeftModel`` too.
     """
     seq2seq, pad_id = _is_seq2seq(model), _pad_id(tokenizer)
@@ -348,8 +354,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(_device(model))
-            seqs = model.generate(**enc, **gen_kwargs)  # (B, T_prompt + T_new) causal, (B, 1 + T_new) seq2seq
-            new = seqs[:, 1:] if seq2seq else seqs[:, enc["input_ids"].shape[1]:]  # (B, T_new)
+            if do_sample and not seq2seq:  # generate's distribution, drawn by PPO's faster loop
+                new = sample_causal(model, enc["input_ids"], enc["attention_mask"], temperature=temperature,
+                                    min_new_tokens=0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop),
+                                    pad_token_id=pad_id)                       # (B, T_new)
+            else:
+                seqs = model.generate(**enc, **gen_kwargs)  # (B, T_prompt + T_new) causal, (B, 1 + T_new) seq2seq
+                new = seqs[:, 1:] if seq2seq else seqs[:, enc["input_ids"].shape[1]:]  # (B, T_new)
             for i, row in zip(idx, new.tolist()):
                 cut = next((j for j, t in enumerate(row) if t in stop), len(row))
                 out[i] = tokenizer.decode(row[:cut], skip_special_tokens=True)
@@ -357,6 +368,77 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@dataclass
+class HeldOut:
+    """Every model's sampled answers to the held-out prompts, and the reward model's score of each.
+
+    ``samples`` answers per prompt, stored flat in prompt order (prompt 0's samples first):
+    ``all_answers[name]``, ``all_rewards[name]`` (an array), ``all_lengths[name]`` (words), with
+    ``prompt_ids[j]`` the prompt of flat entry ``j``. Per prompt (what the paired tests compare, as a prompt is
+    the unit that both models answered): ``rewards[name]`` is the mean reward of its samples, ``lengths[name]``
+    their mean length, ``answers[name]`` the first sample (for tables).
+    """
+
+    samples: int
+    prompt_ids: list[int]
+    all_answers: dict[str, list[str]]
+    all_rewards: dict[str, np.ndarray]
+    all_lengths: dict[str, list[int]]
+
+    def _per_prompt(self, values) -> np.ndarray:
+        return np.asarray(values, dtype=float).reshape(-1, self.samples).mean(1)
+
+    @property
+    def rewards(self) -> dict[str, np.ndarray]:
+        return {name: self._per_prompt(r) for name, r in self.all_rewards.items()}
+
+    @property
+    def lengths(self) -> dict[str, list[float]]:
+        return {name: self._per_prompt(n).tolist() for name, n in self.all_lengths.items()}
+
+    @property
+    def answers(self) -> dict[str, list[str]]:
+        return {name: a[::self.samples] for name, a in self.all_answers.items()}
+
+    def write_jsonl(self, path) -> None:
+        """One row per answer: ``{"prompt_id", "sample", "model", "reward", "length"}`` (``sawyer.plots`` reads it)."""
+        with open(path, "w", encoding="utf-8") as f:
+            for name, rewards in self.all_rewards.items():
+                for j, (r, n) in enumerate(zip(rewards, self.all_lengths[name])):
+                    f.write(json.dumps({"prompt_id": self.prompt_ids[j], "sample": j % self.samples, "model": name,
+                                        "reward": float(r), "length": n}) + "\n")
+
+
+def answer_held_out(model, tokenizer, prompts: list[str], reward_fn, use, models, *, samples: int = 1,
+                    max_new_tokens: int, batch_size: int = 8, temperature: float = 0.7, stop_token_ids=None,
+                    extract=lambda a: a, seed: int = 0, progress: bool = True) -> HeldOut:
+    """Sample ``samples`` answers per prompt from each of ``models`` and score them all with ``reward_fn``.
+
+    ``use(name)`` is a context manager that makes ``model`` act as that model (an adapter switch). Every model
+    samples from the same seed, at ``temperature``, so a run reproduces. ``extract`` turns a generated text into
+    the reply that is scored (e.g. ``chat.extract_reply``).
+
+    Why several samples: one sampled answer per prompt makes each prompt's reward a coin flip when the reward
+    model is confident (scores near +/- its extremes), and that noise, not the models, decides a paired test
+    on a few dozen prompts. The mean of ``samples`` answers estimates each model's *expected* reward on the
+    prompt; the paired test then compares those means, prompt by prompt.
+    """
+    if samples < 1:
+        raise ValueError(f"samples={samples!r}: need at least one answer per prompt")
+    repeated = [p for p in prompts for _ in range(samples)]
+    prompt_ids = [i for i in range(len(prompts)) for _ in range(samples)]
+    all_answers, all_rewards = {}, {}
+    for name in models:
+        with use(name):
+            texts = generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             do_sample=True, temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
+                             progress=progress)
+        all_answers[name] = [extract(t) for t in texts]
+        all_rewards[name] = np.asarray(reward_fn(repeated, all_answers[name]), dtype=float)
+    lengths = {name: [len(a.split()) for a in answers] for name, answers in all_answers.items()}
+    return HeldOut(samples, prompt_ids, all_answers, all_rewards, lengths)
 
 
 # --------------------------------------------------------------------------- 3. multiple choice

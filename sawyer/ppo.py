@@ -41,7 +41,7 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +52,7 @@ from torch import nn
 
 from sawyer import validate
 from sawyer.ppo_models import (NEUTRAL_SAMPLING, add_frozen_reference_adapter, check_generation_kwargs,  # noqa: F401
-                               computes_in_fp16, contiguous_lm_head_input, freeze_outside_optimizer,
+                               computes_in_fp16, contiguous_lm_head_input, fast_cpu_linears, freeze_outside_optimizer,
                                one_code_path, sample_causal, sft_start_reason)
 from sawyer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, gae,  # noqa: F401
                              gather_logprobs, kl_penalty_rewards, masked_mean, masked_var, masked_whiten,
@@ -329,6 +329,15 @@ def _forward(state: PPOState, model, prompt_ids, prompt_mask, response_ids, *, w
     return logprobs, state.value_head(hidden.float()).squeeze(-1)                # (b, T), (b, T)
 
 
+def _fast_linears(state: PPOState) -> ExitStack:
+    """``fast_cpu_linears`` on the policy and, when there is one, the explicit reference model."""
+    stack = ExitStack()
+    for model in (state.policy, state.ref_model):
+        if model is not None:
+            stack.enter_context(fast_cpu_linears(model))
+    return stack
+
+
 @contextmanager
 def _reference(state: PPOState):
     """The reference model for one pass: explicit model, frozen reference adapter, or the adapter disabled."""
@@ -399,18 +408,19 @@ def rollout(state: PPOState, prompts: list[str], **generation_kwargs) -> Rollout
                   and not getattr(policy.get_base_model(), "is_activation_checkpointing", False))
     graph = None
     logprobs, ref_logprobs, values = [], [], []
-    for i in range(0, len(prompts), cfg.mini_batch_size):
-        part = (enc["input_ids"][i:i + cfg.mini_batch_size], enc["attention_mask"][i:i + cfg.mini_batch_size],
-                response_ids[i:i + cfg.mini_batch_size])
-        with torch.set_grad_enabled(keep_graph):
-            lp, v = _forward(state, policy, *part, with_values=True)
-        if keep_graph:
-            graph, lp, v = (lp, v), lp.detach(), v.detach()
-        with torch.no_grad(), _reference(state) as ref:
-            ref_lp, _ = _forward(state, ref, *part, with_values=False)
-        logprobs.append(lp)
-        ref_logprobs.append(ref_lp)
-        values.append(v)
+    with _fast_linears(state):
+        for i in range(0, len(prompts), cfg.mini_batch_size):
+            part = (enc["input_ids"][i:i + cfg.mini_batch_size], enc["attention_mask"][i:i + cfg.mini_batch_size],
+                    response_ids[i:i + cfg.mini_batch_size])
+            with torch.set_grad_enabled(keep_graph):
+                lp, v = _forward(state, policy, *part, with_values=True)
+            if keep_graph:
+                graph, lp, v = (lp, v), lp.detach(), v.detach()
+            with torch.no_grad(), _reference(state) as ref:
+                ref_lp, _ = _forward(state, ref, *part, with_values=False)
+            logprobs.append(lp)
+            ref_logprobs.append(ref_lp)
+            values.append(v)
     lengths = mask.sum(1).long()
     responses = [tok.decode(r[:n - int(is_stop[b, n - 1])], skip_special_tokens=True).strip()
                  for b, (r, n) in enumerate(zip(response_ids.tolist(), lengths.tolist()))]
@@ -492,32 +502,33 @@ def update(state: PPOState, batch: Rollout, scores: torch.Tensor) -> dict[str, f
     state.optimizer.zero_grad(set_to_none=True)
     logs: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approx_kl": [], "vf_clipfrac": []}
     first_logratio = None
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=order_rng).to(device)
-        for k, start in enumerate(range(0, n, cfg.mini_batch_size)):
-            idx = order[start:start + cfg.mini_batch_size]
-            m = mask[idx]                                                        # (b, T)
-            if batch.graph is not None and len(idx) == n:  # the rollout's policy pass is this forward, done
-                logprobs, values = (t[idx] for t in batch.graph)
-            else:
-                logprobs, values = _forward(state, state.policy, batch.prompt_ids[idx], batch.prompt_mask[idx],
-                                            batch.response_ids[idx], with_values=True)
-            batch.graph = None  # used at most once (its backward frees it)
-            if first_logratio is None:
-                first_logratio = ((logprobs - old_logprobs[idx]).abs() * m).max().item()
-            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
-            vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
-            scaler.scale((pg_loss + cfg.vf_coef * vf_loss) / cfg.gradient_accumulation_steps).backward()
-            if (k + 1) % cfg.gradient_accumulation_steps == 0:
-                scaler.unscale_(state.optimizer)                                 # fp16: back to true gradients
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(state.optimizer)                                     # skipped if a gradient is inf
-                scaler.update()
-                state.optimizer.zero_grad(set_to_none=True)
-            for key, value in (("pg", pg_loss.item()), ("vf", vf_loss.item()), ("clipfrac", pg_stats["clipfrac"]),
-                               ("approx_kl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_clipfrac)):
-                logs[key].append(value)
+    with _fast_linears(state):  # the rollout's kernels (see ppo_models.fast_cpu_linears), backward included
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=order_rng).to(device)
+            for k, start in enumerate(range(0, n, cfg.mini_batch_size)):
+                idx = order[start:start + cfg.mini_batch_size]
+                m = mask[idx]                                                        # (b, T)
+                if batch.graph is not None and len(idx) == n:  # the rollout's policy pass is this forward, done
+                    logprobs, values = (t[idx] for t in batch.graph)
+                else:
+                    logprobs, values = _forward(state, state.policy, batch.prompt_ids[idx], batch.prompt_mask[idx],
+                                                batch.response_ids[idx], with_values=True)
+                batch.graph = None  # used at most once (its backward frees it)
+                if first_logratio is None:
+                    first_logratio = ((logprobs - old_logprobs[idx]).abs() * m).max().item()
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange)
+                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], m, cfg.cliprange_value)
+                scaler.scale((pg_loss + cfg.vf_coef * vf_loss) / cfg.gradient_accumulation_steps).backward()
+                if (k + 1) % cfg.gradient_accumulation_steps == 0:
+                    scaler.unscale_(state.optimizer)                                 # fp16: back to true gradients
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    scaler.step(state.optimizer)                                     # skipped if a gradient is inf
+                    scaler.update()
+                    state.optimizer.zero_grad(set_to_none=True)
+                for key, value in (("pg", pg_loss.item()), ("vf", vf_loss.item()), ("clipfrac", pg_stats["clipfrac"]),
+                                   ("approx_kl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_clipfrac)):
+                    logs[key].append(value)
     state.policy.eval()
 
     # 7. stats, KL controller, step

@@ -303,6 +303,47 @@ def test_hub_branch_reads_through_datasets(tmp_path, monkeypatch):
         load_news(folder)
 
 
+def test_an_unpinned_hub_dataset_is_read_at_the_commit_looked_up_and_says_how_to_pin_it(monkeypatch, caplog):
+    """Two datasets of the t4 preset have no known commit (presets.UNPINNED): online, the loader asks the hub for
+    main's commit, reads exactly that commit, and logs the pin to add; a pinned id is passed through unasked."""
+    import datasets
+    import huggingface_hub
+
+    import sawyer.data
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sawyer.data, "_local_path", lambda source: None)
+    asked, loaded = [], []
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def dataset_info(self, repo):
+        asked.append(repo)
+        return type("Info", (), {"sha": sha})()
+
+    def load_dataset(repo, config, split, revision):
+        loaded.append((repo, revision))
+        return datasets.Dataset.from_list([{"text": "news"}])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with caplog.at_level("WARNING", logger="sawyer.data"):
+        assert load_news("argilla/news-summary") == ["news"]
+    assert asked == ["argilla/news-summary"] and loaded == [("argilla/news-summary", sha)]
+    assert f"'argilla/news-summary@{sha}'" in caplog.text and "not pinned" in caplog.text
+    load_news(f"org/pinned@{'f' * 40}")
+    assert asked == ["argilla/news-summary"] and loaded[-1] == ("org/pinned", "f" * 40)
+
+    def unreachable(self, repo):
+        raise OSError("no route to the hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sawyer.data"):
+        load_news("guanaco/guanaco")
+    assert loaded[-1] == ("guanaco/guanaco", None) and "could not be looked up (OSError: no route" in caplog.text
+
+
 def test_truthful_qa_shuffle_moves_the_answer_off_position_zero():
     plain = load_truthful_qa_mc1("data/truthful_qa")
     shuffled = load_truthful_qa_mc1("data/truthful_qa", shuffle_seed=0)

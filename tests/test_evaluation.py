@@ -235,6 +235,67 @@ def test_generate_cuts_at_stop_token_and_returns_only_new_text(llama):
     assert sampled == ev.generate(model, tok, PROMPTS, max_new_tokens=6, do_sample=True, seed=3, progress=False)
 
 
+def test_sampled_generate_draws_with_ppos_sampling_loop(llama):
+    """Causal sampling goes through ``ppo_models.sample_causal`` (generate's distribution, tested there): the same
+    seed gives the same tokens as calling the loop directly on the left-padded batch."""
+    from sawyer.ppo_models import sample_causal
+
+    model, tok = llama
+    prompts = sorted(PROMPTS, key=len)  # generate batches prompts in length order
+    got = ev.generate(model, tok, prompts, max_new_tokens=7, batch_size=len(prompts), do_sample=True,
+                      temperature=0.8, seed=11, progress=False)
+    torch.manual_seed(11)
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = side
+    with torch.no_grad():
+        ids = sample_causal(model, enc["input_ids"], enc["attention_mask"], temperature=0.8, min_new_tokens=0,
+                            max_new_tokens=7, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    expected = []
+    for row in ids.tolist():
+        cut = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+        expected.append(tok.decode(row[:cut], skip_special_tokens=True))
+    assert got == expected and any(got)
+
+
+def test_answer_held_out_scores_every_sample_and_compares_prompt_means(llama, tmp_path):
+    """Three samples per prompt: each is scored (a reward that counts characters, so we can recompute it), the
+    per-prompt reward is their mean, and the jsonl keeps one row per answer. ``use`` records which model is
+    active; here both names are the same model, so both get the same draws from the same seed."""
+    import contextlib
+    import json
+
+    model, tok = llama
+    used = []
+
+    @contextlib.contextmanager
+    def use(name):
+        used.append(name)
+        yield
+
+    def reward(prompts, answers):  # depends on the answer, so a wrong pairing of answers and scores shows
+        assert len(prompts) == len(answers)
+        return torch.tensor([float(len(a)) - len(p) / 100 for p, a in zip(prompts, answers)])
+
+    out = ev.answer_held_out(model, tok, PROMPTS, reward, use, ("sft", "ppo"), samples=3, max_new_tokens=8,
+                             batch_size=4, extract=str.strip, seed=5, progress=False)
+    assert used == ["sft", "ppo"] and out.prompt_ids == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    flat = out.all_answers["sft"]
+    assert len(flat) == 12 and all(a == a.strip() for a in flat)
+    assert len(set(flat[:3])) > 1  # three samples of one prompt differ: sampled, not repeated
+    expected = [len(a) - len(PROMPTS[i]) / 100 for a, i in zip(flat, out.prompt_ids)]
+    np.testing.assert_allclose(out.all_rewards["sft"], expected, rtol=1e-6)
+    np.testing.assert_allclose(out.rewards["sft"], np.reshape(expected, (4, 3)).mean(1), rtol=1e-6)
+    assert out.answers["sft"] == flat[::3] and out.lengths["sft"][0] == np.mean([len(a.split()) for a in flat[:3]])
+    assert out.all_answers["sft"] == out.all_answers["ppo"]  # same model, same seed: the same draws
+    out.write_jsonl(tmp_path / "rows.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and rows[4] == {"prompt_id": 1, "sample": 1, "model": "sft",
+                                           "reward": pytest.approx(expected[4]), "length": len(flat[4].split())}
+    with pytest.raises(ValueError, match="samples=0"):
+        ev.answer_held_out(model, tok, PROMPTS, reward, use, ("sft",), samples=0, max_new_tokens=4)
+
+
 @dataclass
 class Q:  # the attributes of sawyer.data.MCQuestion
     question: str

@@ -605,7 +605,10 @@ def test_fast_cpu_linears_swap_in_onednn_for_sampling_and_put_everything_back(mo
     x = torch.randn(3, 1, head.in_features)
     with torch.no_grad():
         before = [head(x), policy(**tok(["a cat sat"], return_tensors="pt")).logits]
+    monkeypatch.setattr(ppo_models, "_ONEDNN", None)  # probe afresh: it must not move the global RNG (a seeded
+    rng = torch.random.get_rng_state()                # rollout would sample differently the first time only)
     assert ppo_models._onednn_works(), "this torch (2.13 CPU) has oneDNN's linear: the fast path must be taken"
+    assert torch.equal(torch.random.get_rng_state(), rng)
     with ppo_models.fast_cpu_linears(policy), torch.no_grad():
         assert all(m.forward.__func__ is ppo_models._onednn_linear for m in linears)
         during = [head(x), policy(**tok(["a cat sat"], return_tensors="pt")).logits]
@@ -616,6 +619,38 @@ def test_fast_cpu_linears_swap_in_onednn_for_sampling_and_put_everything_back(mo
     monkeypatch.setattr(ppo_models, "_ONEDNN", False)  # a torch without the op: nothing is swapped
     with ppo_models.fast_cpu_linears(policy):
         assert all("forward" not in m.__dict__ for m in linears)
+
+
+def test_fast_cpu_linears_train_with_the_gradients_of_f_linear():
+    """PPO's training pass runs inside the block too: the LoRA gradients (and those of a bias and an input)
+    must be the ones the standard linear gives, with a frozen base weight saving no input for its backward."""
+    lin = torch.nn.Linear(16, 24)
+    lin.weight.requires_grad_(False)  # a frozen base weight; its bias and the input still learn
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    g = torch.randn(2, 5, 24)
+    (lin(x) * g).sum().backward()
+    expected = x.grad.clone(), lin.bias.grad.clone()
+    x.grad = lin.bias.grad = None
+    with ppo_models.fast_cpu_linears(lin):
+        out = lin(x)
+        assert out.grad_fn.name().endswith("_OneDNNLinearBackward")
+        (out * g).sum().backward()
+    torch.testing.assert_close((x.grad, lin.bias.grad), expected, atol=1e-5, rtol=1e-5)
+
+    policy, tok = make_policy("llama", lora_dropout=0.0)
+    batch = tok(["a cat sat on the mat", "the dog"], return_tensors="pt", padding=True)
+
+    def lora_grads():
+        policy.zero_grad(set_to_none=True)
+        policy(**batch).logits.float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    plain = lora_grads()
+    with ppo_models.fast_cpu_linears(policy):
+        fast = lora_grads()
+    assert plain and fast.keys() == plain.keys() and any("lora_A" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(fast[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_values_read_the_state_that_predicts_each_token():
